@@ -1,0 +1,236 @@
+//! The validated configuration: types that cannot hold an invalid state.
+//!
+//! Everything here has already been checked by `validate`: addresses parsed, programs resolved,
+//! users looked up, limits in range. The superserver never sees a raw TOML value.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+/// A whole, valid configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// Settings of the superserver itself (`[superserver]` table).
+    pub global: Global,
+    /// The services, in the order they appear in the file.
+    pub services: Vec<Service>,
+}
+
+/// Settings of the superserver process itself (the optional `[superserver]` table).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Global {
+    /// How long SIGTERM waits for children before SIGKILL (`shutdown_grace`, default 10s).
+    pub shutdown_grace: Duration,
+    /// Default listen backlog for every socket (`backlog`, default `SOMAXCONN`, 4096).
+    pub backlog: u32,
+    /// First delay of the restart back-off for a wait-mode service that dies without
+    /// accepting (`restart_backoff_min`, default 100ms).
+    pub restart_backoff_min: Duration,
+    /// Cap of that back-off (`restart_backoff_max`, default 30s).
+    pub restart_backoff_max: Duration,
+}
+
+/// How the service is handed its sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Hand every listening socket to one long-lived process (systemd `Accept=no`, inetd `wait`).
+    Wait,
+    /// Accept here and start one process per connection (systemd `Accept=yes`, inetd `nowait`).
+    Nowait,
+}
+
+/// One address to listen on.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenAddr {
+    /// A TCP listener (`tcp://host:port` or bare `host:port`).
+    Tcp(SocketAddr),
+    /// A UDP socket (`udp://host:port`).
+    Udp(SocketAddr),
+    /// A Unix stream listener (`unix:/path`).
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// True for stream sockets (TCP and Unix stream), which can be accepted on.
+    pub fn is_stream(&self) -> bool {
+        !matches!(self, ListenAddr::Udp(_))
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "tcp://{a}"),
+            ListenAddr::Udp(a) => write!(f, "udp://{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// One socket of a service: its fd name (`LISTEN_FDNAMES`) and address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Listen {
+    /// The fd name handed to the service in `LISTEN_FDNAMES` (default: the service name).
+    pub name: String,
+    /// Where to listen.
+    pub addr: ListenAddr,
+}
+
+/// What to do with a new connection when `max_instances` children are running (nowait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Stop accepting; clients wait in the kernel backlog until a child exits (default).
+    Hold,
+    /// Accept and close at once, logged.
+    Close,
+}
+
+/// How a nowait child receives its connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionPassing {
+    /// On stdin and stdout (inetd, systemd `StandardInput=socket`; default).
+    Stdio,
+    /// As fd 3 with `LISTEN_FDS=1`, `LISTEN_FDNAMES=connection` (systemd `Accept=yes` alone).
+    ListenFds,
+}
+
+/// A token-bucket rate: at most `count` events per `per`, with a burst of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Tokens per period, also the bucket size (burst).
+    pub count: u32,
+    /// The period.
+    pub per: Duration,
+}
+
+/// Allow/deny lists. Precedence: the most specific matching prefix wins; on a tie, deny
+/// wins; an address that matches nothing is allowed when `allow` is empty, denied otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AccessRules {
+    /// Addresses and prefixes allowed (`allow`).
+    pub allow: Vec<IpNet>,
+    /// Addresses and prefixes denied (`deny`).
+    pub deny: Vec<IpNet>,
+}
+
+impl AccessRules {
+    /// True when no rule is configured (everything is allowed, nothing to check).
+    pub fn is_empty(&self) -> bool {
+        self.allow.is_empty() && self.deny.is_empty()
+    }
+
+    /// Decide whether `peer` may connect. IPv4-mapped IPv6 peers are matched as IPv4.
+    pub fn permits(&self, peer: IpAddr) -> bool {
+        let peer = match peer {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(peer),
+            v4 => v4,
+        };
+        let best = |list: &[IpNet]| {
+            list.iter()
+                .filter(|net| net.contains(&peer))
+                .map(|net| net.prefix_len())
+                .max()
+        };
+        match (best(&self.allow), best(&self.deny)) {
+            (None, None) => self.allow.is_empty(),
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some(a), Some(d)) => a > d,
+        }
+    }
+}
+
+/// The identity a service runs as, resolved when the config was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User name as written (or the name of the numeric uid), for logs and `USER`/`LOGNAME`.
+    pub user: String,
+    /// Numeric uid.
+    pub uid: u32,
+    /// Primary gid: `group` if given, else the user's primary group.
+    pub gid: u32,
+    /// Supplementary groups of the user (from the group database), including `gid`.
+    pub groups: Vec<u32>,
+    /// The user's home directory (for `HOME`).
+    pub home: PathBuf,
+}
+
+/// Resource limits set in the child before exec (soft and hard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// `RLIMIT_NOFILE` (`limit_nofile`).
+    pub nofile: Option<u64>,
+    /// `RLIMIT_NPROC` (`limit_nproc`).
+    pub nproc: Option<u64>,
+}
+
+/// Owner and mode of the service's Unix socket files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnixSocketOptions {
+    /// `socket_mode`, e.g. 0o660 (default: left to the umask).
+    pub mode: Option<u32>,
+    /// `socket_user`, resolved to a uid.
+    pub uid: Option<u32>,
+    /// `socket_group`, resolved to a gid.
+    pub gid: Option<u32>,
+}
+
+/// Per-source concurrency limit (nowait).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PerSource {
+    /// Maximum concurrent connections from one source (`max_per_source`).
+    pub max: u32,
+    /// IPv4 sources are grouped by this prefix length (`source_prefix_v4`, default 32).
+    pub prefix_v4: u8,
+    /// IPv6 sources are grouped by this prefix length (`source_prefix_v6`, default 128).
+    pub prefix_v6: u8,
+}
+
+/// One service, valid and resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    /// The table name (`[service.NAME]`), used first in every log line.
+    pub name: String,
+    /// wait or nowait.
+    pub mode: Mode,
+    /// The resolved program to execute (absolute path).
+    pub program: PathBuf,
+    /// argv as written, `argv[0]` included (never passed through a shell).
+    pub argv: Vec<String>,
+    /// Sockets in config order; in wait mode they become fd 3, 4, … in this order.
+    pub listen: Vec<Listen>,
+    /// Listen backlog (`backlog`, default from `[superserver]`).
+    pub backlog: u32,
+    /// Maximum concurrent children (`max_instances`; nowait default 64, wait always 1).
+    pub max_instances: u32,
+    /// Per-source limit (`max_per_source`), nowait only.
+    pub per_source: Option<PerSource>,
+    /// At the `max_instances` cap (`overflow`).
+    pub overflow: Overflow,
+    /// Rate limit on accepted connections (nowait) or activations (wait) (`rate`).
+    pub rate: Option<Rate>,
+    /// `allow` / `deny`.
+    pub access: AccessRules,
+    /// `user` / `group`; `None` means run as the superserver's own user.
+    pub credentials: Option<Credentials>,
+    /// `allow_root = true` lets a root superserver run this service as root.
+    pub allow_root: bool,
+    /// Variables set for the child (`env`).
+    pub env: BTreeMap<String, String>,
+    /// Variables copied from the superserver's environment when set (`pass_env`,
+    /// default `["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG"]`).
+    pub pass_env: Vec<String>,
+    /// `working_directory` (default `/`).
+    pub working_directory: Option<PathBuf>,
+    /// `umask`, e.g. 0o022 (default: inherited).
+    pub umask: Option<u32>,
+    /// `limit_nofile`, `limit_nproc`.
+    pub limits: Limits,
+    /// nowait: stdio (default) or fd 3 (`connection`).
+    pub connection: ConnectionPassing,
+    /// `socket_mode`, `socket_user`, `socket_group` for `unix:` listeners.
+    pub unix_socket: UnixSocketOptions,
+}
