@@ -3,17 +3,21 @@
 
 mod error;
 mod model;
+mod raw;
+mod validate;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
+pub use validate::{DEFAULT_PASS_ENV, parse_listen_addr, parse_net, parse_rate, resolve_program};
 
 use std::path::{Path, PathBuf};
 
 /// What validation needs to know about the world it runs in.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Directory of the running superserver binary: `exec` programs are also looked up there
-    /// (after absolute paths and before `PATH`... see `resolve_program`).
+    /// Directory of the running superserver binary: a bare `exec` program name is looked up
+    /// there first, then in each absolute directory of the superserver's `PATH` (see
+    /// [`resolve_program`]). `None`: `PATH` only.
     pub exe_dir: Option<PathBuf>,
     /// The superserver runs as root: a service without `user` (or with `user = "root"`) needs
     /// `allow_root = true`.
@@ -26,12 +30,50 @@ pub struct LoadOptions {
 /// line, column and key path. Nothing is partially applied: either the whole file is valid or
 /// the caller gets no `Config`.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
-    let _ = (path, opts);
-    todo!("config::load")
+    let file_error = |message: String| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message,
+        }])
+    };
+    let bytes = std::fs::read(path).map_err(|e| file_error(format!("cannot read: {e}")))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        file_error(format!(
+            "not valid UTF-8 (byte {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })?;
+    parse_str(&text, path, opts)
 }
 
 /// Validate configuration text; `origin` is the file name used in error messages.
+///
+/// Same contract as [`load`]; nothing is read from disk except what validation checks
+/// (programs, `working_directory`) and the user and group databases.
 pub fn parse_str(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
-    let _ = (text, origin, opts);
-    todo!("config::parse_str")
+    validate::parse(text, origin, opts)
+}
+
+impl LoadOptions {
+    /// The options for the calling process: `exe_dir` is the directory of
+    /// [`std::env::current_exe`] (`None` if it cannot be found), `running_as_root` is
+    /// `geteuid() == 0`.
+    pub fn for_current_process() -> Self {
+        LoadOptions {
+            exe_dir: std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf)),
+            running_as_root: nix::unistd::geteuid().is_root(),
+        }
+    }
+}
+
+impl Config {
+    /// The service called `name`, if any.
+    pub fn service(&self, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| s.name == name)
+    }
 }

@@ -1,0 +1,247 @@
+//! The TOML file as written: serde types with a span on every value that validation checks.
+//!
+//! Nothing here is trusted. Numbers are read as `i64` and strings as `String` so that range
+//! and format checks happen in `validate`, where each failure gets its own message at the
+//! right place. Unknown keys are rejected by `deny_unknown_fields`.
+
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use toml::Spanned;
+
+/// The keys accepted at the top level of the file.
+pub const TOP_LEVEL_KEYS: &[&str] = &["superserver", "service"];
+
+/// The `[superserver]` table.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    pub shutdown_grace: Option<Spanned<String>>,
+    pub backlog: Option<Spanned<i64>>,
+    pub restart_backoff_min: Option<Spanned<String>>,
+    pub restart_backoff_max: Option<Spanned<String>>,
+}
+
+/// One `[service.NAME]` table.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawService {
+    pub mode: Option<Spanned<RawMode>>,
+    pub exec: Option<Spanned<Vec<Spanned<String>>>>,
+    pub listen: Option<Spanned<RawListen>>,
+    pub backlog: Option<Spanned<i64>>,
+    pub max_instances: Option<Spanned<i64>>,
+    pub max_per_source: Option<Spanned<i64>>,
+    pub source_prefix_v4: Option<Spanned<i64>>,
+    pub source_prefix_v6: Option<Spanned<i64>>,
+    pub overflow: Option<Spanned<RawOverflow>>,
+    pub rate: Option<Spanned<String>>,
+    pub allow: Option<Vec<Spanned<String>>>,
+    pub deny: Option<Vec<Spanned<String>>>,
+    pub user: Option<Spanned<NameOrId>>,
+    pub group: Option<Spanned<NameOrId>>,
+    pub allow_root: Option<bool>,
+    pub env: Option<Entries<Spanned<String>>>,
+    pub pass_env: Option<Vec<Spanned<String>>>,
+    pub working_directory: Option<Spanned<String>>,
+    pub umask: Option<Spanned<Octal>>,
+    pub limit_nofile: Option<Spanned<i64>>,
+    pub limit_nproc: Option<Spanned<i64>>,
+    pub connection: Option<Spanned<RawConnection>>,
+    pub socket_mode: Option<Spanned<Octal>>,
+    pub socket_user: Option<Spanned<NameOrId>>,
+    pub socket_group: Option<Spanned<NameOrId>>,
+}
+
+/// `mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawMode {
+    Wait,
+    Nowait,
+}
+
+/// `overflow`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RawOverflow {
+    Hold,
+    Close,
+}
+
+/// `connection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RawConnection {
+    Stdio,
+    ListenFds,
+}
+
+/// `listen`: `"addr"`, `["addr", ...]` or `{ fdname = "addr" | ["addr", ...] }`.
+#[derive(Debug)]
+pub enum RawListen {
+    /// One address or a list, all named after the service.
+    Unnamed(Vec<Spanned<String>>),
+    /// fd name → addresses, in file order.
+    Named(Vec<(Spanned<String>, Spanned<OneOrMany>)>),
+}
+
+impl<'de> Deserialize<'de> for RawListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawListen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address, a list of addresses, or a table { fdname = addresses }")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawListen, E> {
+                // The span of a lone string is the span of the whole `listen` value, which
+                // `validate` substitutes (a zero range here means "use the parent's").
+                Ok(RawListen::Unnamed(vec![Spanned::new(0..0, v.to_owned())]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawListen, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element()? {
+                    v.push(s);
+                }
+                Ok(RawListen::Unnamed(v))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawListen, A::Error> {
+                Ok(RawListen::Named(
+                    Entries::deserialize(de::value::MapAccessDeserializer::new(map))?.0,
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One address or a list of them (the values of a `listen` table).
+#[derive(Debug)]
+pub struct OneOrMany(pub Vec<Spanned<String>>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address or a list of addresses")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![Spanned::new(0..0, v.to_owned())]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut v = Vec::new();
+                while let Some(s) = seq.next_element()? {
+                    v.push(s);
+                }
+                Ok(OneOrMany(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A table read in file order, each key with its span. Duplicate keys cannot occur: the TOML
+/// parser rejects them.
+#[derive(Debug)]
+pub struct Entries<V>(pub Vec<(Spanned<String>, V)>);
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Entries<V> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Vis<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Vis<V> {
+            type Value = Entries<V>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a table")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Entries<V>, A::Error> {
+                let mut v: Vec<(Spanned<String>, V)> = Vec::new();
+                while let Some(k) = map.next_key::<Spanned<String>>()? {
+                    v.push((k, map.next_value()?));
+                }
+                // toml hands tables over sorted by key unless `preserve_order` is on.
+                v.sort_by_key(|(k, _)| k.span().start);
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(Vis(PhantomData))
+    }
+}
+
+/// A user or group: a name, or a numeric id (as an integer or a string of digits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameOrId {
+    Name(String),
+    Id(u32),
+}
+
+impl fmt::Display for NameOrId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NameOrId::Name(n) => write!(f, "\"{n}\""),
+            NameOrId::Id(i) => write!(f, "{i}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NameOrId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = NameOrId;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a name or a numeric id")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<NameOrId, E> {
+                if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+                    return v.parse().map(NameOrId::Id).map_err(|_| {
+                        E::custom(format!("id {v} is out of range (0..={})", u32::MAX))
+                    });
+                }
+                Ok(NameOrId::Name(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<NameOrId, E> {
+                u32::try_from(v)
+                    .map(NameOrId::Id)
+                    .map_err(|_| E::custom(format!("id {v} is out of range (0..={})", u32::MAX)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<NameOrId, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A file mode or umask: an octal string (`"022"`, `"0o022"`) or an integer (write TOML's
+/// `0o022`; a decimal integer is taken at its value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Octal {
+    Text(String),
+    Int(i64),
+}
+
+impl<'de> Deserialize<'de> for Octal {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Octal;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an octal string such as \"022\" or an integer such as 0o022")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Octal, E> {
+                Ok(Octal::Text(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Octal, E> {
+                Ok(Octal::Int(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Octal, E> {
+                Ok(Octal::Int(i64::try_from(v).unwrap_or(i64::MAX)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
