@@ -5,10 +5,12 @@ mod error;
 mod model;
 mod raw;
 mod validate;
+mod values;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
-pub use validate::{DEFAULT_PASS_ENV, parse_listen_addr, parse_net, parse_rate, resolve_program};
+pub use validate::DEFAULT_PASS_ENV;
+pub use values::{parse_listen_addr, parse_net, parse_rate, resolve_program};
 
 use std::path::{Path, PathBuf};
 

@@ -56,7 +56,7 @@ pub struct RawService {
 
 /// `mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum RawMode {
     Wait,
     Nowait,
@@ -64,7 +64,7 @@ pub enum RawMode {
 
 /// `overflow`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum RawOverflow {
     Hold,
     Close,
@@ -72,11 +72,35 @@ pub enum RawOverflow {
 
 /// `connection`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(try_from = "String")]
 pub enum RawConnection {
     Stdio,
     ListenFds,
 }
+
+/// `TryFrom<String>` for a keyword enum: a wrong type is serde's "expected a string", a wrong
+/// word names the accepted ones.
+macro_rules! keywords {
+    ($ty:ident { $($word:literal => $variant:ident),+ $(,)? }) => {
+        impl TryFrom<String> for $ty {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                match s.as_str() {
+                    $($word => Ok($ty::$variant),)+
+                    _ => Err(format!(
+                        "unknown value \"{}\", expected {}",
+                        s.escape_debug(),
+                        [$(concat!("\"", $word, "\"")),+].join(" or ")
+                    )),
+                }
+            }
+        }
+    };
+}
+
+keywords!(RawMode { "wait" => Wait, "nowait" => Nowait });
+keywords!(RawOverflow { "hold" => Hold, "close" => Close });
+keywords!(RawConnection { "stdio" => Stdio, "listen-fds" => ListenFds });
 
 /// `listen`: `"addr"`, `["addr", ...]` or `{ fdname = "addr" | ["addr", ...] }`.
 #[derive(Debug)]

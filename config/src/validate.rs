@@ -1,7 +1,7 @@
-//! Validation: the TOML text into a [`Config`], every problem collected with file, line, column and key.
+//! Validation: TOML text into a [`Config`], every problem collected with its place and key.
 //!
 //! Three passes, each reporting everything it finds before the next runs:
-//! 1. TOML syntax (`toml`'s recoverable parser); on any syntax error nothing else is checked.
+//! 1. TOML syntax: only the first syntax error is reported, and nothing else is checked.
 //! 2. Shape (serde into `raw` types): a failing key is reported and removed, and the table is
 //!    deserialized again, so every unknown key or wrong type of a table is reported at once.
 //! 3. Meaning: addresses, programs, users, ranges, mode rules, and clashes between services.
@@ -9,15 +9,11 @@
 //! A check whose input was removed in pass 2 is skipped, so one mistake is reported once.
 
 use std::ffi::CString;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::ops::Range;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use ipnet::IpNet;
-use nix::unistd::{Gid, Group, Uid, User};
+use nix::unistd::{Uid, User};
 use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
@@ -26,6 +22,7 @@ use crate::LoadOptions;
 use crate::error::{ConfigError, ConfigErrors};
 use crate::model::*;
 use crate::raw::*;
+use crate::values::*;
 
 /// Variables a service gets when `pass_env` is not given.
 pub const DEFAULT_PASS_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG"];
@@ -901,308 +898,6 @@ impl Svc<'_> {
     }
 }
 
-enum Clash {
-    Same,
-    Overlap,
-}
-
-/// Whether binding both addresses would fail. IPv4 and IPv6 never clash (the superserver sets
-/// `IPV6_V6ONLY`), nor do TCP and UDP.
-fn clash(a: &ListenAddr, b: &ListenAddr) -> Option<Clash> {
-    if a == b {
-        return Some(Clash::Same);
-    }
-    let (a, b) = match (a, b) {
-        (ListenAddr::Tcp(a), ListenAddr::Tcp(b)) | (ListenAddr::Udp(a), ListenAddr::Udp(b)) => {
-            (a, b)
-        }
-        _ => return None,
-    };
-    let overlap = a.port() == b.port()
-        && a.is_ipv4() == b.is_ipv4()
-        && (a.ip().is_unspecified() != b.ip().is_unspecified());
-    overlap.then_some(Clash::Overlap)
-}
-
-/// Parse one listen address: `tcp://HOST:PORT`, `udp://HOST:PORT`, `unix:/abs/path`, or a bare
-/// `HOST:PORT` (TCP). HOST must be an IP literal: names are never looked up.
-pub fn parse_listen_addr(text: &str) -> Result<ListenAddr, String> {
-    if let Some(path) = text.strip_prefix("unix:") {
-        if !path.starts_with('/') {
-            return Err(format!(
-                "unix socket path \"{path}\" must be absolute, e.g. unix:/run/superserver/echo.sock"
-            ));
-        }
-        // sun_path holds 108 bytes including the terminating NUL.
-        if path.len() > 107 || path.contains('\0') {
-            return Err(format!(
-                "unix socket path \"{path}\" is longer than 107 bytes or contains NUL"
-            ));
-        }
-        return Ok(ListenAddr::Unix(PathBuf::from(path)));
-    }
-    if let Some(rest) = text.strip_prefix("tcp://") {
-        return parse_host_port(rest).map(ListenAddr::Tcp);
-    }
-    if let Some(rest) = text.strip_prefix("udp://") {
-        return parse_host_port(rest).map(ListenAddr::Udp);
-    }
-    if let Some((scheme, _)) = text.split_once("://") {
-        return Err(format!(
-            "unknown address type \"{scheme}://\"; use tcp://HOST:PORT, udp://HOST:PORT or unix:/path"
-        ));
-    }
-    parse_host_port(text).map(ListenAddr::Tcp)
-}
-
-fn parse_host_port(text: &str) -> Result<SocketAddr, String> {
-    if let Ok(addr) = SocketAddr::from_str(text) {
-        if addr.port() == 0 {
-            return Err(format!(
-                "\"{text}\": port 0 is not allowed; choose a port 1..=65535"
-            ));
-        }
-        return Ok(addr);
-    }
-    let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(format!(
-            "\"{text}\" has no port; write HOST:PORT, e.g. 127.0.0.1:7000"
-        ));
-    };
-    if host.parse::<Ipv6Addr>().is_ok() || text.parse::<Ipv6Addr>().is_ok() {
-        return Err(format!(
-            "\"{text}\": put IPv6 addresses in brackets, e.g. [::1]:7000"
-        ));
-    }
-    if port.parse::<u16>().is_err() {
-        return Err(format!(
-            "\"{text}\": invalid port \"{port}\", must be 1..=65535"
-        ));
-    }
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if bare.parse::<IpAddr>().is_ok() {
-        return Err(format!(
-            "\"{text}\" is not a valid address; write e.g. 127.0.0.1:7000 or [::1]:7000"
-        ));
-    }
-    if host.eq_ignore_ascii_case("localhost") {
-        return Err(format!(
-            "\"{host}\" is not an IP address (names are never looked up); write 127.0.0.1 or [::1]"
-        ));
-    }
-    Err(format!(
-        "\"{host}\" is not an IP address (names are never looked up); write an IP such as \
-         127.0.0.1, 0.0.0.0 or [::]"
-    ))
-}
-
-/// Parse a rate: `N/s`, `N/m`, `N/min`, `N/h` or `N/<duration>` (e.g. `100/10s`).
-pub fn parse_rate(text: &str) -> Result<Rate, String> {
-    let bad = || {
-        format!(
-            "invalid rate \"{text}\"; write COUNT/PERIOD, e.g. \"50/s\", \"600/min\" or \"100/10s\""
-        )
-    };
-    let (count, per) = text.split_once('/').ok_or_else(bad)?;
-    let count: u32 = count.trim().parse().map_err(|_| bad())?;
-    if !(1..=1_000_000).contains(&count) {
-        return Err(format!(
-            "rate \"{text}\": count must be between 1 and 1000000"
-        ));
-    }
-    let per = per.trim();
-    let per = match per {
-        "s" | "sec" => Duration::from_secs(1),
-        "m" | "min" => Duration::from_secs(60),
-        "h" => Duration::from_secs(3600),
-        _ => humantime::parse_duration(per)
-            .or_else(|_| humantime::parse_duration(&format!("1{per}")))
-            .map_err(|_| bad())?,
-    };
-    if per.is_zero() {
-        return Err(format!("rate \"{text}\": the period must be longer than 0"));
-    }
-    Ok(Rate { count, per })
-}
-
-/// Parse an `allow`/`deny` item: an IP (a /32 or /128) or a CIDR without host bits.
-pub fn parse_net(text: &str) -> Result<IpNet, String> {
-    if text.contains('/') {
-        let net = IpNet::from_str(text).map_err(|_| {
-            format!("invalid CIDR \"{text}\"; write e.g. \"127.0.0.0/8\" or \"fd00::/8\"")
-        })?;
-        if net.trunc() != net {
-            return Err(format!(
-                "\"{text}\" has host bits set; did you mean \"{}\"?",
-                net.trunc()
-            ));
-        }
-        return Ok(net);
-    }
-    IpAddr::from_str(text).map(IpNet::from).map_err(|_| {
-        format!("invalid address \"{text}\"; write an IP or CIDR such as \"127.0.0.1\" or \"10.0.0.0/8\" (names are never looked up)")
-    })
-}
-
-/// Find the program of `exec`: an absolute path as it is; a bare name in `exe_dir`, then in
-/// each absolute directory of `path` (the superserver's `PATH`). A relative path with a `/` is
-/// refused (it would depend on the working directory).
-pub fn resolve_program(
-    program: &str,
-    exe_dir: Option<&Path>,
-    path: Option<&std::ffi::OsStr>,
-) -> Result<PathBuf, String> {
-    if program.is_empty() {
-        return Err("the program (exec[0]) is empty".to_owned());
-    }
-    if program.contains('/') {
-        if !program.starts_with('/') {
-            return Err(format!(
-                "relative program path \"{program}\" is not allowed; write an absolute path, or a \
-                 bare name to look up next to the superserver and on PATH"
-            ));
-        }
-        let p = PathBuf::from(program);
-        return match std::fs::metadata(&p) {
-            Err(e) => Err(format!("program \"{program}\": {}", lower_io(&e))),
-            Ok(m) if !m.is_file() => Err(format!("program \"{program}\" is not a regular file")),
-            Ok(m) if m.permissions().mode() & 0o111 == 0 => {
-                Err(format!("program \"{program}\" is not executable"))
-            }
-            Ok(_) => Ok(p),
-        };
-    }
-    let dirs = exe_dir
-        .map(Path::to_path_buf)
-        .into_iter()
-        .chain(
-            path.map(|p| std::env::split_paths(p).collect::<Vec<_>>())
-                .unwrap_or_default(),
-        )
-        .filter(|d| d.is_absolute());
-    for dir in dirs {
-        let candidate = dir.join(program);
-        if is_executable_file(&candidate) {
-            return Ok(candidate);
-        }
-    }
-    let on_path = match path {
-        Some(p) => format!("on PATH ({})", p.to_string_lossy()),
-        None => "on PATH (PATH is not set)".to_owned(),
-    };
-    Err(match exe_dir {
-        Some(dir) => format!(
-            "program \"{program}\" not found next to the superserver (in {}) or {on_path}",
-            dir.display()
-        ),
-        None => format!("program \"{program}\" not found {on_path}"),
-    })
-}
-
-fn is_executable_file(p: &Path) -> bool {
-    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-}
-
-fn check_directory(dir: &str) -> Result<PathBuf, String> {
-    if !dir.starts_with('/') {
-        return Err(format!("\"{dir}\" must be an absolute path"));
-    }
-    match std::fs::metadata(dir) {
-        Err(e) => Err(format!("\"{dir}\": {}", lower_io(&e))),
-        Ok(m) if !m.is_dir() => Err(format!("\"{dir}\" is not a directory")),
-        Ok(_) => Ok(PathBuf::from(dir)),
-    }
-}
-
-/// An io::Error as a short lowercase phrase ("does not exist"), without "(os error 2)".
-fn lower_io(e: &std::io::Error) -> String {
-    match e.kind() {
-        std::io::ErrorKind::NotFound => "does not exist".to_owned(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
-        _ => e.to_string(),
-    }
-}
-
-fn resolve_user(u: &NameOrId) -> Result<User, String> {
-    let found = match u {
-        NameOrId::Name(n) => User::from_name(n),
-        NameOrId::Id(i) => User::from_uid(Uid::from_raw(*i)),
-    };
-    match (found, u) {
-        (Ok(Some(pw)), _) => Ok(pw),
-        (Ok(None), NameOrId::Name(n)) => Err(format!("user \"{n}\" does not exist")),
-        (Ok(None), NameOrId::Id(i)) => Err(format!("uid {i} does not exist (no passwd entry)")),
-        (Err(e), _) => Err(format!("cannot look up user {u}: {e}")),
-    }
-}
-
-fn resolve_group(g: &NameOrId) -> Result<Gid, String> {
-    let found = match g {
-        NameOrId::Name(n) => Group::from_name(n),
-        NameOrId::Id(i) => Group::from_gid(Gid::from_raw(*i)),
-    };
-    match (found, g) {
-        (Ok(Some(gr)), _) => Ok(gr.gid),
-        (Ok(None), NameOrId::Name(n)) => Err(format!("group \"{n}\" does not exist")),
-        (Ok(None), NameOrId::Id(i)) => Err(format!("gid {i} does not exist (no group entry)")),
-        (Err(e), _) => Err(format!("cannot look up group {g}: {e}")),
-    }
-}
-
-fn check_service_name(name: &str) -> Result<(), String> {
-    let ok = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
-    if name.is_empty() || name.len() > 64 || !ok {
-        return Err(format!(
-            "invalid service name \"{name}\": use 1 to 64 letters, digits, '_', '.' or '-'"
-        ));
-    }
-    Ok(())
-}
-
-/// systemd's rules for `LISTEN_FDNAMES` entries.
-fn check_fd_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 255 {
-        return Err(format!(
-            "invalid fd name \"{name}\": must be 1 to 255 characters"
-        ));
-    }
-    if name.contains(':') {
-        return Err(format!(
-            "invalid fd name \"{name}\": ':' separates names in LISTEN_FDNAMES and cannot be used"
-        ));
-    }
-    if !name.bytes().all(|b| (b' '..=b'~').contains(&b)) {
-        return Err(format!(
-            "invalid fd name \"{}\": only printable ASCII characters are allowed",
-            name.escape_debug()
-        ));
-    }
-    Ok(())
-}
-
-fn check_env_name(name: &str) -> Result<(), String> {
-    let mut bytes = name.bytes();
-    let ok = bytes
-        .next()
-        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
-        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
-    if !ok {
-        return Err(format!(
-            "invalid variable name \"{}\": use letters, digits and '_', not starting with a digit",
-            name.escape_debug()
-        ));
-    }
-    if name.starts_with("LISTEN_") {
-        return Err(format!(
-            "\"{name}\": LISTEN_* variables are set by the superserver for socket activation; \
-             choose another name"
-        ));
-    }
-    Ok(())
-}
-
 /// A lone string (span 0..0, see `raw`) takes the span of its parent value.
 fn with_span(s: Spanned<String>, parent: &Range<usize>) -> Spanned<String> {
     if s.span() == (0..0) {
@@ -1287,15 +982,6 @@ fn clean_serde_message(msg: &str) -> String {
         ("expected i64", "expected an integer"),
         ("expected struct RawGlobal", "expected a table"),
         ("expected struct RawService", "expected a table"),
-        ("expected enum RawMode", "expected \"wait\" or \"nowait\""),
-        (
-            "expected enum RawOverflow",
-            "expected \"hold\" or \"close\"",
-        ),
-        (
-            "expected enum RawConnection",
-            "expected \"stdio\" or \"listen-fds\"",
-        ),
     ];
     let mut msg = one_line(msg);
     for (from, to) in WORDS {
@@ -1307,127 +993,6 @@ fn clean_serde_message(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses() {
-        let tcp = |s: &str| ListenAddr::Tcp(s.parse().unwrap());
-        assert_eq!(parse_listen_addr("127.0.0.1:7"), Ok(tcp("127.0.0.1:7")));
-        assert_eq!(parse_listen_addr("tcp://[::1]:7113"), Ok(tcp("[::1]:7113")));
-        assert_eq!(
-            parse_listen_addr("udp://0.0.0.0:53"),
-            Ok(ListenAddr::Udp("0.0.0.0:53".parse().unwrap()))
-        );
-        assert_eq!(
-            parse_listen_addr("unix:/run/x.sock"),
-            Ok(ListenAddr::Unix("/run/x.sock".into()))
-        );
-        for bad in [
-            "localhost:7",
-            "example.com:80",
-            "127.0.0.1",
-            "127.0.0.1:0",
-            "127.0.0.1:70000",
-            "::1:7",
-            "unix:run/x",
-            "http://1.2.3.4:80",
-            "tcp://",
-        ] {
-            assert!(parse_listen_addr(bad).is_err(), "{bad}");
-        }
-        assert!(
-            parse_listen_addr("localhost:7")
-                .unwrap_err()
-                .contains("127.0.0.1 or [::1]")
-        );
-    }
-
-    #[test]
-    fn rates() {
-        let r = |c, s| {
-            Ok(Rate {
-                count: c,
-                per: Duration::from_secs(s),
-            })
-        };
-        assert_eq!(parse_rate("50/s"), r(50, 1));
-        assert_eq!(parse_rate("600/min"), r(600, 60));
-        assert_eq!(parse_rate("600/m"), r(600, 60));
-        assert_eq!(parse_rate("5/h"), r(5, 3600));
-        assert_eq!(parse_rate("100/10s"), r(100, 10));
-        assert_eq!(parse_rate("1/1d"), r(1, 86400));
-        for bad in [
-            "0/s",
-            "1000001/s",
-            "x/s",
-            "5",
-            "5/",
-            "5/0s",
-            "5/parsec",
-            "-1/s",
-        ] {
-            assert!(parse_rate(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn nets() {
-        assert_eq!(parse_net("::1").unwrap().to_string(), "::1/128");
-        assert_eq!(parse_net("10.1.2.3").unwrap().to_string(), "10.1.2.3/32");
-        assert_eq!(parse_net("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
-        assert_eq!(
-            parse_net("127.0.0.1/8").unwrap_err(),
-            "\"127.0.0.1/8\" has host bits set; did you mean \"127.0.0.0/8\"?"
-        );
-        assert!(parse_net("10.0.0.0/33").is_err());
-        assert!(parse_net("localhost").is_err());
-    }
-
-    #[test]
-    fn clashes() {
-        let a = |s: &str| parse_listen_addr(s).unwrap();
-        assert!(clash(&a("0.0.0.0:7"), &a("127.0.0.1:7")).is_some());
-        assert!(clash(&a("[::]:7"), &a("[::1]:7")).is_some());
-        assert!(clash(&a("[::]:7"), &a("0.0.0.0:7")).is_none());
-        assert!(clash(&a("[::]:7"), &a("127.0.0.1:7")).is_none());
-        assert!(clash(&a("tcp://0.0.0.0:7"), &a("udp://127.0.0.1:7")).is_none());
-        assert!(clash(&a("127.0.0.1:7"), &a("127.0.0.2:7")).is_none());
-        assert!(clash(&a("unix:/a"), &a("unix:/a")).is_some());
-        assert!(clash(&a("unix:/a"), &a("unix:/b")).is_none());
-    }
-
-    #[test]
-    fn program_resolution() {
-        let dir = tempfile::tempdir().unwrap();
-        let exe = dir.path().join("tool");
-        std::fs::write(&exe, "#!/bin/sh\n").unwrap();
-        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let plain = dir.path().join("plain");
-        std::fs::write(&plain, "").unwrap();
-        std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let path = std::ffi::OsString::from("/bin:/usr/bin");
-
-        // exe_dir comes before PATH.
-        assert_eq!(
-            resolve_program("tool", Some(dir.path()), Some(&path)),
-            Ok(exe.clone())
-        );
-        assert!(resolve_program("cat", Some(dir.path()), Some(&path)).is_ok());
-        assert!(resolve_program("plain", Some(dir.path()), None).is_err());
-        assert!(
-            resolve_program(plain.to_str().unwrap(), None, None)
-                .unwrap_err()
-                .contains("not executable")
-        );
-        assert!(
-            resolve_program("./tool", Some(dir.path()), None)
-                .unwrap_err()
-                .contains("relative")
-        );
-        assert_eq!(
-            resolve_program("nope", Some(Path::new("/x")), Some(&path)).unwrap_err(),
-            "program \"nope\" not found next to the superserver (in /x) or on PATH (/bin:/usr/bin)"
-        );
-    }
 
     #[test]
     fn positions_count_characters() {
