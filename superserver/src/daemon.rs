@@ -1,0 +1,1039 @@
+//! The event loop: one thread, one `mio::Poll` over every listening socket and the signals.
+//! It owns the services' run-time state (armed or not, running children, back-off, limits),
+//! spawns on readiness, reaps on SIGCHLD, reloads on SIGHUP and drains on SIGTERM.
+//!
+//! A service is *armed* when its listeners are registered with the poll. Every decision about
+//! whether it should be is taken in one place, [`Svc::wants_armed`]: a wait-mode service is
+//! disarmed while its process runs, during back-off and while rate-limited; a nowait service
+//! at `max_instances` with `overflow = "hold"` or rate-limited. Disarmed listeners are not
+//! polled, so clients wait in the kernel backlog; registering an fd that is already readable
+//! reports it at once, so nothing is missed on re-arm. Nothing polls on a timer: when no
+//! deadline is pending the loop sleeps in `epoll_wait` without a timeout.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::ffi::OsStr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+use superserver_config::{
+    Config, ConfigErrors, ConnectionPassing, Global, Listen, ListenAddr, Mode, Overflow, Service,
+};
+
+use crate::children::{self, Child, Children, Exit, Kind};
+use crate::limits::{self, SourceCounts, TokenBucket};
+use crate::sockets::{self, Bound, Pool};
+use crate::spawn::{Fds, Template};
+use crate::{notify, plan};
+
+const SIGNALS: Token = Token(0);
+/// A wait-mode child that ends this quickly, leaving its socket readable, did not do its job.
+const QUICK_EXIT: Duration = Duration::from_secs(1);
+/// Pause accepting after `EMFILE`/`ENFILE` rather than spinning on a readable listener.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Where the configuration comes from, so that SIGHUP can read it again.
+pub trait Source {
+    fn load(&self) -> Result<Config, ConfigErrors>;
+}
+
+/// A fatal start-up problem: cannot bind, or inherited fds that do not fit the config.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+/// One socket of a service: what the config asks for and what we hold.
+struct Slot {
+    listen: Listen,
+    bound: Option<Bound>,
+    token: Token,
+}
+
+/// A service's run-time state.
+struct Svc {
+    /// Unique per instance: children and tokens refer to it.
+    id: u64,
+    def: Service,
+    template: Template,
+    slots: Vec<Slot>,
+    armed: bool,
+    /// Wait mode: the process holding the sockets.
+    wait_child: Option<i32>,
+    /// Consecutive failed activations (wait mode), for the back-off.
+    failures: u32,
+    backoff_until: Option<Instant>,
+    /// Nowait: running connection processes.
+    running: u32,
+    sources: SourceCounts,
+    bucket: Option<TokenBucket>,
+    rate_until: Option<Instant>,
+    pause_until: Option<Instant>,
+    holding: bool,
+    /// Sockets that could not be bound at reload, retried with back-off.
+    bind_retry: Option<(Instant, Duration)>,
+}
+
+impl Svc {
+    fn wants_armed(&self, shutting_down: bool) -> bool {
+        if shutting_down
+            || self.rate_until.is_some()
+            || self.pause_until.is_some()
+            || self.backoff_until.is_some()
+        {
+            return false;
+        }
+        match self.def.mode {
+            Mode::Wait => self.wait_child.is_none(),
+            Mode::Nowait => {
+                self.running < self.def.max_instances || self.def.overflow == Overflow::Close
+            }
+        }
+    }
+
+    fn at_capacity(&self) -> bool {
+        self.running >= self.def.max_instances
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// Something of service `id` may be due: back-off end, rate resume, accept pause, rebind.
+    Service(u64),
+    /// The shutdown grace period is over.
+    Shutdown,
+}
+
+/// The running superserver.
+pub struct Daemon<S: Source> {
+    poll: Poll,
+    signals: Signals,
+    source: S,
+    global: Global,
+    services: Vec<Svc>,
+    tokens: HashMap<Token, (u64, usize)>,
+    next_token: usize,
+    next_id: u64,
+    children: Children,
+    timers: BinaryHeap<Reverse<(Instant, Timer)>>,
+    devnull: OwnedFd,
+    shutdown_deadline: Option<Instant>,
+}
+
+impl<S: Source> Daemon<S> {
+    /// Bind (or adopt) every socket of `config` and get ready to serve. `inherited` are the
+    /// sockets this process was started with (`LISTEN_FDS`): each must match a configured
+    /// address, and a configured address with no inherited fd is bound here.
+    pub fn start(
+        config: Config,
+        source: S,
+        inherited: Vec<(String, RawFd, OwnedFd)>,
+    ) -> Result<Daemon<S>, StartError> {
+        let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
+        let mut signals = Signals::new([SIGCHLD, SIGHUP, SIGTERM, SIGINT])
+            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+        poll.registry()
+            .register(&mut signals, SIGNALS, Interest::READABLE)
+            .map_err(|e| StartError(format!("cannot poll signals: {e}")))?;
+        let devnull = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| StartError(format!("cannot open /dev/null: {e}")))?
+            .into();
+
+        let mut pool = Pool::default();
+        let wanted: Vec<Listen> = config
+            .services
+            .iter()
+            .flat_map(|s| s.listen.iter().cloned())
+            .collect();
+        pool.adopt(inherited, &wanted).map_err(StartError)?;
+
+        let mut daemon = Daemon {
+            poll,
+            signals,
+            source,
+            global: config.global.clone(),
+            services: Vec::new(),
+            tokens: HashMap::new(),
+            next_token: 1,
+            next_id: 1,
+            children: Children::default(),
+            timers: BinaryHeap::new(),
+            devnull,
+            shutdown_deadline: None,
+        };
+        for def in config.services {
+            let mut svc = daemon.new_svc(def).map_err(StartError)?;
+            for i in 0..svc.slots.len() {
+                let listen = svc.slots[i].listen.clone();
+                let bound = match pool.take(&listen) {
+                    Some(b) => b,
+                    None => sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
+                        .map_err(|e| StartError(format!("{}: {e}", svc.def.name)))?,
+                };
+                svc.slots[i].bound = Some(bound);
+            }
+            prepare_sockets(&svc);
+            daemon.services.push(svc);
+        }
+        let leftovers = pool.drain();
+        if !leftovers.is_empty() {
+            let list: Vec<String> = leftovers
+                .iter()
+                .map(|b| describe_leftover(&b.addr, &wanted))
+                .collect();
+            return Err(StartError(format!(
+                "inherited sockets that match no configured address: {}",
+                list.join("; ")
+            )));
+        }
+        for i in 0..daemon.services.len() {
+            daemon.rearm(i);
+        }
+        Ok(daemon)
+    }
+
+    fn new_svc(&mut self, def: Service) -> Result<Svc, String> {
+        let template =
+            Template::new(&def).map_err(|e| format!("{}: cannot prepare exec: {e}", def.name))?;
+        let id = self.next_id;
+        self.next_id += 1;
+        let bucket = def.rate.map(|r| TokenBucket::new(r, Instant::now()));
+        let slots = def
+            .listen
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let token = Token(self.next_token);
+                self.next_token += 1;
+                self.tokens.insert(token, (id, i));
+                Slot {
+                    listen: l.clone(),
+                    bound: None,
+                    token,
+                }
+            })
+            .collect();
+        Ok(Svc {
+            id,
+            def,
+            template,
+            slots,
+            armed: false,
+            wait_child: None,
+            failures: 0,
+            backoff_until: None,
+            running: 0,
+            sources: SourceCounts::default(),
+            bucket,
+            rate_until: None,
+            pause_until: None,
+            holding: false,
+            bind_retry: None,
+        })
+    }
+
+    /// What is listening, for the start-up log.
+    pub fn describe(&self) -> Vec<String> {
+        self.services
+            .iter()
+            .map(|s| plan::service_line(&s.def))
+            .collect()
+    }
+
+    /// Serve until SIGTERM/SIGINT and the drain that follows. Returns when every child is gone.
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self
+                .timers
+                .peek()
+                .map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => {
+                        let pending: Vec<i32> = self.signals.pending().collect();
+                        for sig in pending {
+                            self.on_signal(sig);
+                        }
+                    }
+                    token => self.on_readable(token),
+                }
+            }
+            self.fire_timers();
+            if self.shutdown_deadline.is_some() && self.children.is_empty() {
+                log::info!("all children have exited; bye");
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_signal(&mut self, sig: i32) {
+        match sig {
+            SIGCHLD => self.reap(),
+            SIGHUP => self.reload(),
+            SIGTERM | SIGINT => self.shutdown(sig),
+            _ => {}
+        }
+    }
+
+    fn find(&self, id: u64) -> Option<usize> {
+        self.services.iter().position(|s| s.id == id)
+    }
+
+    // ---------------------------------------------------------------- arming
+
+    /// Register or deregister service `i`'s listeners to match [`Svc::wants_armed`].
+    fn rearm(&mut self, i: usize) {
+        let shutting = self.shutdown_deadline.is_some();
+        let svc = &mut self.services[i];
+        let want = svc.wants_armed(shutting);
+        if want == svc.armed {
+            return;
+        }
+        for slot in &svc.slots {
+            let Some(bound) = &slot.bound else { continue };
+            let fd = bound.fd();
+            let registry = self.poll.registry();
+            let result = if want {
+                registry.register(&mut SourceFd(&fd), slot.token, Interest::READABLE)
+            } else {
+                registry.deregister(&mut SourceFd(&fd))
+            };
+            if let Err(e) = result {
+                log::error!("{}: cannot (de)register {}: {e}", svc.def.name, slot.listen.addr);
+            }
+        }
+        svc.armed = want;
+    }
+
+    fn disarm(&mut self, i: usize) {
+        let svc = &mut self.services[i];
+        if !svc.armed {
+            return;
+        }
+        for slot in &svc.slots {
+            if let Some(bound) = &slot.bound {
+                let _ = self
+                    .poll
+                    .registry()
+                    .deregister(&mut SourceFd(&bound.fd()));
+            }
+        }
+        svc.armed = false;
+    }
+
+    fn add_timer(&mut self, at: Instant, timer: Timer) {
+        self.timers.push(Reverse((at, timer)));
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            match timer {
+                Timer::Shutdown => self.kill_remaining(),
+                Timer::Service(id) => {
+                    if let Some(i) = self.find(id) {
+                        self.service_timer(i, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn service_timer(&mut self, i: usize, now: Instant) {
+        let svc = &mut self.services[i];
+        if svc.backoff_until.is_some_and(|t| t <= now) {
+            svc.backoff_until = None;
+            log::info!("{}: back-off over, watching its sockets again", svc.def.name);
+        }
+        if svc.rate_until.is_some_and(|t| t <= now) {
+            svc.rate_until = None;
+            log::info!("{}: rate limit lifted, accepting again", svc.def.name);
+        }
+        if svc.pause_until.is_some_and(|t| t <= now) {
+            svc.pause_until = None;
+        }
+        if svc.bind_retry.is_some_and(|(t, _)| t <= now) {
+            self.retry_binds(i);
+        }
+        self.rearm(i);
+    }
+
+    // ---------------------------------------------------------------- readiness
+
+    fn on_readable(&mut self, token: Token) {
+        let Some(&(id, slot)) = self.tokens.get(&token) else {
+            return;
+        };
+        let Some(i) = self.find(id) else { return };
+        if !self.services[i].armed {
+            return;
+        }
+        match self.services[i].def.mode {
+            Mode::Wait => self.activate(i),
+            Mode::Nowait => self.accept_all(i, slot),
+        }
+    }
+
+    /// Take one token of the service's rate, or suspend it until the next one (logged once).
+    fn rate_allows(&mut self, i: usize, take: bool) -> bool {
+        let now = Instant::now();
+        let svc = &mut self.services[i];
+        let Some(bucket) = svc.bucket.as_mut() else {
+            return true;
+        };
+        let ok = if take {
+            bucket.try_take(now)
+        } else {
+            bucket.has_token(now)
+        };
+        if !ok {
+            let at = bucket.next_token_at(now);
+            svc.rate_until = Some(at);
+            log::warn!(
+                "{}: rate limit {}/{} reached; not listening for {}",
+                svc.def.name,
+                svc.def.rate.map(|r| r.count).unwrap_or(0),
+                humantime_short(svc.def.rate.map(|r| r.per).unwrap_or_default()),
+                children::human(at - now)
+            );
+            let id = svc.id;
+            self.add_timer(at, Timer::Service(id));
+            self.rearm(i);
+        }
+        ok
+    }
+
+    /// Wait mode: a socket became readable, start the service with all its sockets.
+    fn activate(&mut self, i: usize) {
+        if self.services[i].wait_child.is_some() || !self.rate_allows(i, true) {
+            return;
+        }
+        let svc = &self.services[i];
+        let fds: Vec<RawFd> = svc
+            .slots
+            .iter()
+            .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
+            .collect();
+        let names: Vec<&str> = svc
+            .slots
+            .iter()
+            .filter(|s| s.bound.is_some())
+            .map(|s| s.listen.name.as_str())
+            .collect();
+        let nfds = fds.len().to_string();
+        let fdnames = names.join(":");
+        let env = [
+            ("LISTEN_FDS", OsStr::new(&nfds)),
+            ("LISTEN_FDNAMES", OsStr::new(&fdnames)),
+        ];
+        let result = svc.template.spawn(
+            Fds::Listeners(&fds),
+            &env,
+            true,
+            self.devnull.as_raw_fd(),
+        );
+        let (name, id) = (svc.def.name.clone(), svc.id);
+        match result {
+            Ok(pid) => {
+                log::info!("{name}: started pid {pid} with {nfds} socket(s) ({fdnames})");
+                self.children.insert(
+                    pid,
+                    Child {
+                        service: name,
+                        svc_id: id,
+                        started: Instant::now(),
+                        kind: Kind::Wait,
+                    },
+                );
+                self.services[i].wait_child = Some(pid);
+                self.rearm(i);
+            }
+            Err(e) => {
+                log::error!("{name}: cannot start: {e}");
+                self.failed_activation(i);
+            }
+        }
+    }
+
+    /// Schedule the next attempt of a wait-mode service that did not take its connections:
+    /// exponential back-off from `restart_backoff_min` to `restart_backoff_max`.
+    fn failed_activation(&mut self, i: usize) {
+        let (min, max) = (self.global.restart_backoff_min, self.global.restart_backoff_max);
+        let svc = &mut self.services[i];
+        svc.failures += 1;
+        let factor = 1u32 << (svc.failures - 1).min(20);
+        let delay = min.saturating_mul(factor).min(max);
+        let at = Instant::now() + delay;
+        svc.backoff_until = Some(at);
+        log::warn!(
+            "{}: failed to take its sockets ({} in a row); back-off: next start in {}",
+            svc.def.name,
+            svc.failures,
+            children::human(delay)
+        );
+        let id = svc.id;
+        self.add_timer(at, Timer::Service(id));
+        self.rearm(i);
+    }
+
+    /// Nowait: accept every pending connection the limits allow.
+    fn accept_all(&mut self, i: usize, slot: usize) {
+        loop {
+            if !self.services[i].armed {
+                return;
+            }
+            let svc = &mut self.services[i];
+            if svc.at_capacity() && svc.def.overflow == Overflow::Hold {
+                if !svc.holding {
+                    svc.holding = true;
+                    log::warn!(
+                        "{}: max_instances ({}) reached; new clients wait in the backlog",
+                        svc.def.name,
+                        svc.def.max_instances
+                    );
+                }
+                self.rearm(i);
+                return;
+            }
+            if !self.rate_allows(i, false) {
+                return;
+            }
+            let svc = &mut self.services[i];
+            let Some(bound) = svc.slots.get(slot).and_then(|s| s.bound.as_ref()) else {
+                return;
+            };
+            let (conn, peer) = match bound.socket.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: pause instead of spinning.
+                    log::error!("{}: accept failed: {e}; pausing", svc.def.name);
+                    let at = Instant::now() + ACCEPT_PAUSE;
+                    svc.pause_until = Some(at);
+                    let id = svc.id;
+                    self.add_timer(at, Timer::Service(id));
+                    self.rearm(i);
+                    return;
+                }
+            };
+            let peer = peer.as_socket();
+            self.handle_connection(i, slot, conn, peer);
+        }
+    }
+
+    fn handle_connection(
+        &mut self,
+        i: usize,
+        slot: usize,
+        conn: socket2::Socket,
+        peer: Option<SocketAddr>,
+    ) {
+        let svc = &mut self.services[i];
+        let peer_str = peer.map(|p| p.to_string()).unwrap_or_else(|| "unix".into());
+        if let Some(p) = peer
+            && !svc.def.access.is_empty()
+            && !svc.def.access.permits(p.ip())
+        {
+            log::warn!("{}: {peer_str} denied by allow/deny; closed", svc.def.name);
+            return;
+        }
+        if svc.at_capacity() {
+            // Only reachable with overflow = "close".
+            log::warn!(
+                "{}: max_instances ({}) reached; {peer_str} closed",
+                svc.def.name,
+                svc.def.max_instances
+            );
+            return;
+        }
+        let source = match (svc.def.per_source, peer) {
+            (Some(limit), Some(p)) => {
+                let key = limits::source_key(p.ip(), &limit);
+                if !svc.sources.try_add(key, limit.max) {
+                    log::warn!(
+                        "{}: {peer_str} has {} connections (max_per_source); closed",
+                        svc.def.name,
+                        limit.max
+                    );
+                    return;
+                }
+                Some(key)
+            }
+            _ => None,
+        };
+        if let Some(bucket) = svc.bucket.as_mut() {
+            bucket.try_take(Instant::now());
+        }
+        let local = local_addr(&svc.slots[slot].listen.addr, &conn);
+        let env_owned = peer_env(peer, local);
+        let mut env: Vec<(&str, &OsStr)> =
+            env_owned.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
+        let fds = match svc.def.connection {
+            ConnectionPassing::Stdio => Fds::Stdio(conn.as_raw_fd()),
+            ConnectionPassing::ListenFds => {
+                env.push(("LISTEN_FDS", OsStr::new("1")));
+                env.push(("LISTEN_FDNAMES", OsStr::new("connection")));
+                Fds::Fd3(conn.as_raw_fd())
+            }
+        };
+        let listen_pid = svc.def.connection == ConnectionPassing::ListenFds;
+        match svc
+            .template
+            .spawn(fds, &env, listen_pid, self.devnull.as_raw_fd())
+        {
+            Ok(pid) => {
+                svc.running += 1;
+                log::debug!("{}: {peer_str} → pid {pid}", svc.def.name);
+                let child = Child {
+                    service: svc.def.name.clone(),
+                    svc_id: svc.id,
+                    started: Instant::now(),
+                    kind: Kind::Connection {
+                        peer: peer_str,
+                        source,
+                    },
+                };
+                self.children.insert(pid, child);
+            }
+            Err(e) => {
+                log::error!("{}: cannot start for {peer_str}: {e}", svc.def.name);
+                if let Some(key) = source {
+                    svc.sources.remove(&key);
+                }
+            }
+        }
+        // `conn` is closed here: the child has its own copy.
+    }
+
+    // ---------------------------------------------------------------- reaping
+
+    fn reap(&mut self) {
+        for exit in self.children.reap(false) {
+            self.on_exit(exit);
+        }
+    }
+
+    fn on_exit(&mut self, exit: Exit) {
+        let i = self.find(exit.child.svc_id);
+        match &exit.child.kind {
+            Kind::Connection { peer, source } => {
+                log::info!(
+                    "{}: {peer} pid {} {} after {}",
+                    exit.child.service,
+                    exit.pid,
+                    exit.describe(),
+                    children::human(exit.runtime)
+                );
+                let Some(i) = i else { return };
+                let svc = &mut self.services[i];
+                svc.running = svc.running.saturating_sub(1);
+                if let Some(key) = source {
+                    svc.sources.remove(key);
+                }
+                if svc.holding && !svc.at_capacity() {
+                    svc.holding = false;
+                    log::info!("{}: below max_instances, accepting again", svc.def.name);
+                }
+                self.rearm(i);
+            }
+            Kind::Wait => {
+                let Some(i) = i else {
+                    log::info!(
+                        "{}: pid {} {} after {} (service removed)",
+                        exit.child.service,
+                        exit.pid,
+                        exit.describe(),
+                        children::human(exit.runtime)
+                    );
+                    return;
+                };
+                let svc = &mut self.services[i];
+                if svc.wait_child == Some(exit.pid) {
+                    svc.wait_child = None;
+                }
+                let fds: Vec<RawFd> = svc
+                    .slots
+                    .iter()
+                    .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
+                    .collect();
+                let pending = any_readable(&fds);
+                let failed = !exit.success() || (exit.runtime < QUICK_EXIT && pending);
+                let level = if exit.success() {
+                    log::Level::Info
+                } else {
+                    log::Level::Warn
+                };
+                log::log!(
+                    level,
+                    "{}: pid {} {} after {}{}",
+                    svc.def.name,
+                    exit.pid,
+                    exit.describe(),
+                    children::human(exit.runtime),
+                    if pending {
+                        "; connections are waiting"
+                    } else {
+                        "; watching its sockets again"
+                    }
+                );
+                if self.shutdown_deadline.is_some() {
+                    return;
+                }
+                if failed {
+                    self.failed_activation(i);
+                } else {
+                    if svc.failures > 0 {
+                        log::info!("{}: recovered; back-off reset", svc.def.name);
+                    }
+                    svc.failures = 0;
+                    self.rearm(i);
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- reload
+
+    /// SIGHUP: read the whole file again; apply it as a diff only if all of it is valid.
+    fn reload(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        notify::reloading();
+        log::info!("reload: reading the configuration");
+        let config = match self.source.load() {
+            Ok(c) => c,
+            Err(errors) => {
+                for e in &errors.0 {
+                    log::error!("reload: {e}");
+                }
+                log::error!(
+                    "reload: {} error(s); keeping the running configuration",
+                    errors.0.len()
+                );
+                notify::ready("reload failed; running the previous configuration");
+                return;
+            }
+        };
+        self.apply(config);
+        notify::ready(&format!("serving {} service(s)", self.services.len()));
+    }
+
+    fn apply(&mut self, config: Config) {
+        self.global = config.global;
+        let mut old: Vec<Svc> = std::mem::take(&mut self.services);
+        let mut pool = Pool::default();
+        let (mut kept, mut added, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next: Vec<(Svc, bool)> = Vec::new(); // (service, needs sockets)
+
+        for def in config.services {
+            let Some(pos) = old.iter().position(|s| s.def.name == def.name) else {
+                match self.new_svc(def.clone()) {
+                    Ok(svc) => {
+                        added.push(def.name.clone());
+                        next.push((svc, true));
+                    }
+                    Err(e) => log::error!("reload: {e}"),
+                }
+                continue;
+            };
+            let mut svc = old.remove(pos);
+            if svc.def == def {
+                kept.push(def.name.clone());
+                next.push((svc, false));
+                continue;
+            }
+            changed.push(def.name.clone());
+            let template = match Template::new(&def) {
+                Ok(t) => t,
+                Err(e) => {
+                    log::error!("reload: {}: cannot prepare exec: {e}; keeping it as it was", def.name);
+                    next.push((svc, false));
+                    continue;
+                }
+            };
+            let sockets_changed = svc.def.listen != def.listen
+                || svc.def.backlog != def.backlog
+                || svc.def.unix_socket != def.unix_socket
+                || svc.def.mode != def.mode;
+            if svc.def.rate != def.rate {
+                svc.bucket = def.rate.map(|r| TokenBucket::new(r, Instant::now()));
+                svc.rate_until = None;
+            }
+            if svc.def.mode != def.mode || svc.def.per_source != def.per_source {
+                svc.holding = false;
+            }
+            svc.template = template;
+            if sockets_changed {
+                let i = self.services.len();
+                self.services.push(svc);
+                self.disarm(i);
+                let mut svc = self.services.pop().expect("just pushed");
+                for slot in svc.slots.drain(..) {
+                    self.tokens.remove(&slot.token);
+                    if let Some(b) = slot.bound {
+                        pool.put(b);
+                    }
+                }
+                svc.def = def;
+                for (j, l) in svc.def.listen.iter().enumerate() {
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    self.tokens.insert(token, (svc.id, j));
+                    svc.slots.push(Slot {
+                        listen: l.clone(),
+                        bound: None,
+                        token,
+                    });
+                }
+                next.push((svc, true));
+            } else {
+                svc.def = def;
+                next.push((svc, false));
+            }
+        }
+
+        // Removed services: close their sockets (unless a new service takes the address) and
+        // ask their wait-mode process to drain.
+        let removed: Vec<String> = old.iter().map(|s| s.def.name.clone()).collect();
+        for svc in old {
+            let i = self.services.len();
+            self.services.push(svc);
+            self.disarm(i);
+            let svc = self.services.pop().expect("just pushed");
+            if let Some(pid) = svc.wait_child {
+                log::info!("{}: removed; sending SIGTERM to pid {pid}", svc.def.name);
+                // SAFETY: kill(2) on a pid we started and have not reaped.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+            }
+            for slot in svc.slots {
+                self.tokens.remove(&slot.token);
+                if let Some(b) = slot.bound {
+                    pool.put(b);
+                }
+            }
+        }
+
+        for (mut svc, needs) in next {
+            if needs {
+                self.fill_slots(&mut svc, &mut pool);
+                prepare_sockets(&svc);
+            }
+            self.services.push(svc);
+        }
+        drop(pool.drain()); // closes what nobody took (and removes our Unix socket files)
+        for i in 0..self.services.len() {
+            self.rearm(i);
+        }
+        log::info!(
+            "reload: {} kept, {} added{}, {} changed{}, {} removed{}",
+            kept.len(),
+            added.len(),
+            list_names(&added),
+            changed.len(),
+            list_names(&changed),
+            removed.len(),
+            list_names(&removed)
+        );
+    }
+
+    /// Give every empty slot a socket: from the pool when its address was already bound, else
+    /// a new bind. A failed bind is logged and retried with back-off; the service serves on
+    /// the sockets it has.
+    fn fill_slots(&mut self, svc: &mut Svc, pool: &mut Pool) {
+        let mut failed = false;
+        for slot in svc.slots.iter_mut().filter(|s| s.bound.is_none()) {
+            slot.bound = match pool.take(&slot.listen) {
+                Some(b) => Some(b),
+                None => match sockets::bind(&slot.listen.addr, svc.def.backlog, &svc.def.unix_socket)
+                {
+                    Ok(b) => {
+                        log::info!("{}: listening on {}", svc.def.name, slot.listen.addr);
+                        Some(b)
+                    }
+                    Err(e) => {
+                        log::error!("{}: {e}; will retry", svc.def.name);
+                        failed = true;
+                        None
+                    }
+                },
+            };
+        }
+        if failed {
+            let delay = match svc.bind_retry {
+                Some((_, d)) => (d * 2).min(self.global.restart_backoff_max),
+                None => self.global.restart_backoff_min.max(Duration::from_millis(500)),
+            };
+            let at = Instant::now() + delay;
+            svc.bind_retry = Some((at, delay));
+            self.add_timer(at, Timer::Service(svc.id));
+        } else {
+            svc.bind_retry = None;
+        }
+    }
+
+    fn retry_binds(&mut self, i: usize) {
+        self.disarm(i);
+        let mut svc = self.services.remove(i);
+        let mut pool = Pool::default();
+        self.fill_slots(&mut svc, &mut pool);
+        prepare_sockets(&svc);
+        self.services.insert(i, svc);
+    }
+
+    // ---------------------------------------------------------------- shutdown
+
+    /// SIGTERM/SIGINT: stop listening, SIGTERM every child, SIGKILL what is left after the
+    /// grace period. A second signal skips the grace period.
+    fn shutdown(&mut self, sig: i32) {
+        if self.shutdown_deadline.is_some() {
+            log::warn!("second stop signal: killing the remaining children now");
+            self.kill_remaining();
+            return;
+        }
+        notify::stopping();
+        let name = if sig == SIGINT { "SIGINT" } else { "SIGTERM" };
+        log::info!(
+            "{name}: closing listeners, SIGTERM to {} child(ren), grace {}",
+            self.children.len(),
+            children::human(self.global.shutdown_grace)
+        );
+        let deadline = Instant::now() + self.global.shutdown_grace;
+        self.shutdown_deadline = Some(deadline);
+        for i in 0..self.services.len() {
+            self.disarm(i);
+            for slot in &mut self.services[i].slots {
+                slot.bound = None;
+            }
+        }
+        for pid in self.children.pids() {
+            // SAFETY: kill(2) on a pid we started and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        self.add_timer(deadline, Timer::Shutdown);
+    }
+
+    fn kill_remaining(&mut self) {
+        let pids = self.children.pids();
+        if pids.is_empty() {
+            return;
+        }
+        log::warn!("SIGKILL to {} child(ren) still running", pids.len());
+        for pid in pids {
+            // SAFETY: kill(2) on a pid we started and have not reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        for exit in self.children.reap(true) {
+            self.on_exit(exit);
+        }
+    }
+}
+
+/// Set each socket's blocking mode for how it will be used: nowait listeners are accepted on
+/// here and must not block; wait-mode sockets are handed to services, which expect blocking
+/// sockets as systemd passes them (`O_NONBLOCK` is shared by every copy of the socket).
+fn prepare_sockets(svc: &Svc) {
+    for slot in &svc.slots {
+        if let Some(b) = &slot.bound
+            && let Err(e) = b.socket.set_nonblocking(svc.def.mode == Mode::Nowait)
+        {
+            log::warn!("{}: {}: cannot set O_NONBLOCK: {e}", svc.def.name, slot.listen.addr);
+        }
+    }
+}
+
+/// True when any of `fds` has something to read right now.
+fn any_readable(fds: &[RawFd]) -> bool {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll(2) on a valid array of pollfd with a zero timeout.
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) };
+    n > 0
+}
+
+/// The local address of a connection: the configured one unless it is a wildcard.
+fn local_addr(listen: &ListenAddr, conn: &socket2::Socket) -> Option<SocketAddr> {
+    match listen {
+        ListenAddr::Tcp(a) if !a.ip().is_unspecified() => Some(*a),
+        ListenAddr::Tcp(_) => conn.local_addr().ok().and_then(|a| a.as_socket()),
+        _ => None,
+    }
+}
+
+/// The peer's identity for the child: UCSPI (`PROTO`, `TCPREMOTEIP`, …) and systemd's
+/// `REMOTE_ADDR`/`REMOTE_PORT`.
+fn peer_env(peer: Option<SocketAddr>, local: Option<SocketAddr>) -> Vec<(&'static str, String)> {
+    let Some(peer) = peer else {
+        return vec![("PROTO", "UNIX".to_string())];
+    };
+    let ip = |a: IpAddr| match a {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(|v4| v4.to_string())
+            .unwrap_or_else(|| v6.to_string()),
+        v4 => v4.to_string(),
+    };
+    let mut env = vec![
+        ("PROTO", "TCP".to_string()),
+        ("TCPREMOTEIP", ip(peer.ip())),
+        ("TCPREMOTEPORT", peer.port().to_string()),
+        ("REMOTE_ADDR", ip(peer.ip())),
+        ("REMOTE_PORT", peer.port().to_string()),
+    ];
+    if let Some(local) = local {
+        env.push(("TCPLOCALIP", ip(local.ip())));
+        env.push(("TCPLOCALPORT", local.port().to_string()));
+    }
+    env
+}
+
+fn describe_leftover(addr: &ListenAddr, wanted: &[Listen]) -> String {
+    let same_place = wanted.iter().find(|l| match (&l.addr, addr) {
+        (ListenAddr::Tcp(a), ListenAddr::Udp(b)) | (ListenAddr::Udp(a), ListenAddr::Tcp(b)) => {
+            a == b
+        }
+        _ => false,
+    });
+    match same_place {
+        Some(l) => format!("{addr} has the wrong type (the config says {})", l.addr),
+        None => format!("{addr}"),
+    }
+}
+
+fn list_names(names: &[String]) -> String {
+    if names.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", names.join(", "))
+    }
+}
+
+fn humantime_short(d: Duration) -> String {
+    children::human(d)
+}

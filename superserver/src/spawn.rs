@@ -1,0 +1,311 @@
+//! Starting a service process: everything is prepared in the parent, the child only calls
+//! async-signal-safe system calls (fd moves, privileges, limits) and `execve`.
+//!
+//! Why not `std::process::Command`: systemd's protocol wants `LISTEN_PID` to be the *child's*
+//! pid, which only exists after `fork`, and std fixes the environment before its `pre_exec`
+//! hooks run (a `setenv` there is silently lost once `.env()` was used). So we `fork` and
+//! `execve` by hand: the parent builds argv and envp as C strings, including a
+//! `LISTEN_PID=` buffer with room for the digits; the child writes its own pid into that buffer
+//! (no allocation), moves the fds into place and execs. Nothing in the child allocates, locks
+//! or logs; a failure is reported with `write(2)` and `_exit(127)`.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::RawFd;
+use std::os::unix::ffi::OsStrExt;
+
+use superserver_config::{Limits, Service};
+
+/// What a spawned child gets as file descriptors.
+pub enum Fds<'a> {
+    /// Wait mode: the listening sockets at fd 3, 4, … in order; stdin is `/dev/null`.
+    Listeners(&'a [RawFd]),
+    /// Nowait, inetd style: the connection on stdin and stdout.
+    Stdio(RawFd),
+    /// Nowait, systemd `Accept=yes` style: the connection at fd 3; stdin is `/dev/null`.
+    Fd3(RawFd),
+}
+
+/// Everything about a service's process that does not change from one spawn to the next,
+/// computed once when the configuration is loaded (no work between accept and fork that could
+/// be done earlier).
+pub struct Template {
+    program: CString,
+    argv: Vec<CString>,
+    base_env: Vec<CString>,
+    creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    limits: Limits,
+    umask: Option<libc::mode_t>,
+    cwd: CString,
+    /// "superserver: NAME: cannot execute PROGRAM: errno " (written by a child whose exec failed).
+    exec_failed_msg: Vec<u8>,
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+}
+
+impl Template {
+    /// Prepare the parts of the child's process that come from the service definition.
+    /// `pass_env` values are read from the superserver's environment now (at load or reload).
+    pub fn new(svc: &Service) -> io::Result<Template> {
+        let program = cstring(svc.program.as_os_str().as_bytes())?;
+        let argv = svc
+            .argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut set = |k: &[u8], v: &[u8]| {
+            env.retain(|(name, _)| name != k);
+            env.push((k.to_vec(), v.to_vec()));
+        };
+        for name in &svc.pass_env {
+            if let Some(value) = std::env::var_os(name) {
+                set(name.as_bytes(), value.as_bytes());
+            }
+        }
+        if let Some(c) = &svc.credentials {
+            set(b"USER", c.user.as_bytes());
+            set(b"LOGNAME", c.user.as_bytes());
+            set(b"HOME", c.home.as_os_str().as_bytes());
+        }
+        for (k, v) in &svc.env {
+            set(k.as_bytes(), v.as_bytes());
+        }
+        let base_env = env
+            .into_iter()
+            .map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let creds = svc
+            .credentials
+            .as_ref()
+            .map(|c| (c.uid, c.gid, c.groups.clone()));
+        let cwd = match &svc.working_directory {
+            Some(dir) => cstring(dir.as_os_str().as_bytes())?,
+            None => cstring(b"/")?,
+        };
+        let exec_failed_msg = format!(
+            "superserver: {}: cannot execute {}: errno ",
+            svc.name,
+            svc.program.display()
+        )
+        .into_bytes();
+        Ok(Template {
+            program,
+            argv,
+            base_env,
+            creds,
+            limits: svc.limits,
+            umask: svc.umask.map(|m| m as libc::mode_t),
+            cwd,
+            exec_failed_msg,
+        })
+    }
+
+    /// Fork and exec one child. `extra_env` is added to the service's environment (LISTEN_*,
+    /// REMOTE_*, TCP*); with `listen_pid` the child also gets `LISTEN_PID=<its own pid>`.
+    /// `devnull` is an open `/dev/null`. Returns the child's pid; the child never returns.
+    pub fn spawn(
+        &self,
+        fds: Fds<'_>,
+        extra_env: &[(&str, &OsStr)],
+        listen_pid: bool,
+        devnull: RawFd,
+    ) -> io::Result<libc::pid_t> {
+        // Everything the child reads is built here, in the parent.
+        let mut env_strings: Vec<CString> = Vec::with_capacity(extra_env.len());
+        for (k, v) in extra_env {
+            env_strings.push(cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat())?);
+        }
+        // "LISTEN_PID=" followed by room for 20 digits and a NUL, filled in by the child.
+        const PID_PREFIX: &[u8] = b"LISTEN_PID=";
+        let mut pid_buf = [0u8; 32];
+        pid_buf[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
+        let mut envp: Vec<*const libc::c_char> =
+            Vec::with_capacity(self.base_env.len() + env_strings.len() + 2);
+        envp.extend(self.base_env.iter().map(|s| s.as_ptr()));
+        envp.extend(env_strings.iter().map(|s| s.as_ptr()));
+        if listen_pid {
+            envp.push(pid_buf.as_ptr().cast());
+        }
+        envp.push(std::ptr::null());
+        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|s| s.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut groups = self.creds.as_ref().map(|c| c.2.clone()).unwrap_or_default();
+        groups.shrink_to_fit();
+
+        // SAFETY: the superserver is single-threaded, so the child is a copy of the only
+        // thread; between fork and execve the child only calls async-signal-safe functions
+        // (child_exec), touches memory prepared above and never returns.
+        let pid = unsafe { libc::fork() };
+        match pid {
+            -1 => Err(io::Error::last_os_error()),
+            0 => {
+                let pid_slot = if listen_pid {
+                    Some(&mut pid_buf[PID_PREFIX.len()..])
+                } else {
+                    None
+                };
+                // SAFETY: we are the freshly forked child (see above).
+                unsafe { self.child_exec(&fds, devnull, pid_slot, &argv, &envp, &groups) }
+            }
+            pid => Ok(pid),
+        }
+    }
+
+    /// The child side: set up and exec, or report and `_exit(127)`.
+    ///
+    /// # Safety
+    /// Must only be called in a child right after `fork` of a single-threaded process.
+    unsafe fn child_exec(
+        &self,
+        fds: &Fds<'_>,
+        devnull: RawFd,
+        pid_slot: Option<&mut [u8]>,
+        argv: &[*const libc::c_char],
+        envp: &[*const libc::c_char],
+        groups: &[libc::gid_t],
+    ) -> ! {
+        // SAFETY: all calls below are async-signal-safe system call wrappers operating on
+        // memory prepared by the parent before fork; see the function's contract.
+        unsafe {
+            // Own session: a Ctrl-C meant for the superserver does not hit the services, and
+            // the superserver decides how they stop.
+            libc::setsid();
+            // Undo what the Rust runtime and signal handling did to this process image:
+            // SIGPIPE is ignored by Rust's runtime and would be inherited through exec.
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+
+            let ok = match *fds {
+                Fds::Listeners(list) => {
+                    let n = list.len() as RawFd;
+                    // First move every source above the target range, so that moving one
+                    // socket into place can never overwrite another that is still to be moved.
+                    let mut ok = true;
+                    let mut tmp = [0 as RawFd; 256];
+                    for (i, &fd) in list.iter().enumerate().take(tmp.len()) {
+                        tmp[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + n);
+                        ok &= tmp[i] >= 0;
+                    }
+                    ok &= libc::dup2(devnull, 0) == 0 && libc::dup2(2, 1) == 1;
+                    for i in 0..list.len().min(tmp.len()) {
+                        // dup2 clears FD_CLOEXEC on the new descriptor.
+                        ok &= libc::dup2(tmp[i], 3 + i as RawFd) == 3 + i as RawFd;
+                    }
+                    ok
+                }
+                Fds::Stdio(conn) => libc::dup2(conn, 0) == 0 && libc::dup2(conn, 1) == 1,
+                Fds::Fd3(conn) => {
+                    let tmp = libc::fcntl(conn, libc::F_DUPFD_CLOEXEC, 4);
+                    tmp >= 0
+                        && libc::dup2(devnull, 0) == 0
+                        && libc::dup2(2, 1) == 1
+                        && libc::dup2(tmp, 3) == 3
+                }
+            };
+            if !ok {
+                self.die();
+            }
+            // Belt and braces: nothing above the handed-over fds survives exec.
+            let first_free = match *fds {
+                Fds::Listeners(list) => 3 + list.len() as libc::c_uint,
+                Fds::Stdio(_) => 3,
+                Fds::Fd3(_) => 4,
+            };
+            libc::close_range(first_free, libc::c_uint::MAX, 0);
+            if let Some(slot) = pid_slot {
+                write_decimal(slot, libc::getpid() as u64);
+            }
+            if let Some(n) = self.limits.nofile {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                    self.die();
+                }
+            }
+            if let Some(n) = self.limits.nproc {
+                let lim = libc::rlimit {
+                    rlim_cur: n,
+                    rlim_max: n,
+                };
+                if libc::setrlimit(libc::RLIMIT_NPROC, &lim) != 0 {
+                    self.die();
+                }
+            }
+            if let Some(mask) = self.umask {
+                libc::umask(mask);
+            }
+            if libc::chdir(self.cwd.as_ptr()) != 0 {
+                self.die();
+            }
+            // Privileges last, in the only safe order: groups, gid, uid.
+            if let Some((uid, gid, _)) = self.creds
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0)
+            {
+                self.die();
+            }
+            libc::execve(self.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            self.die()
+        }
+    }
+
+    /// Report errno on stderr with `write(2)` only, then `_exit(127)` (as a shell does).
+    fn die(&self) -> ! {
+        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        let mut digits = [0u8; 24];
+        let len = write_decimal(&mut digits, errno as u64);
+        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are valid.
+        unsafe {
+            libc::write(
+                2,
+                self.exec_failed_msg.as_ptr().cast(),
+                self.exec_failed_msg.len(),
+            );
+            libc::write(2, digits.as_ptr().cast(), len);
+            libc::write(2, b"\n".as_ptr().cast(), 1);
+            libc::_exit(127)
+        }
+    }
+}
+
+/// Write `n` in decimal followed by a NUL into `buf`, without allocating. Returns the number
+/// of digits.
+fn write_decimal(buf: &mut [u8], mut n: u64) -> usize {
+    let mut tmp = [0u8; 20];
+    let mut len = 0;
+    loop {
+        tmp[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = tmp[len - 1 - i];
+    }
+    buf[len] = 0;
+    len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_decimal;
+
+    #[test]
+    fn decimal_digits_are_written_in_place() {
+        let mut buf = [0xffu8; 24];
+        assert_eq!(write_decimal(&mut buf, 0), 1);
+        assert_eq!(&buf[..2], b"0\0");
+        assert_eq!(write_decimal(&mut buf, 4194304), 7);
+        assert_eq!(&buf[..8], b"4194304\0");
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests of the superserver: the real binaries, real sockets, real signals.
+
+mod harness;
+
+mod cli;
+mod wait_mode;
