@@ -127,6 +127,7 @@ if quick:
 P(f"- mode: **{machine.get('mode', '?')}**, repetitions: {machine.get('reps', '?')} (rows interleaved, order rotated per rep; medians, with min–max)")
 P(f"- machine: {machine.get('cpu', '?')}, {machine.get('ncpu', '?')} CPUs, {int(machine.get('mem_kib', 0)) // 1024} MiB; {machine.get('os', '?')}; kernel `{machine.get('kernel', '?')}`")
 P(f"- load average at start / end: {machine.get('loadavg_start', '?')} / {end.get('loadavg_end', '?')}; git {machine.get('git', '?')}")
+P(f"- environment of every server and child: `RUST_LOG={machine.get('rust_log', '?')}` (per-connection logging off, like the peers' configs here); `ulimit -n {machine.get('nofile', '?')}`")
 P("- pinning: every server and everything it spawns on CPU 1 (`taskset -c 1`), the load generator on CPU 0; loopback only (127.0.0.1)")
 P("- versions: " + "; ".join(f"`{v}`" for v in machine.get("versions", [])))
 sz = machine.get("sizes", {})
@@ -360,7 +361,9 @@ P("Notes on the peers' settings: xinetd has `cps` and `instances` raised (defaul
   "openbsd-inetd runs with `-i` (no daemon) and `-R 1000000` (default 256 spawns/min, then it drops connections). "
   "tcpserver runs with `-H -R -l 0` (otherwise it does a reverse DNS lookup and an IDENT connection per client, "
   "i.e. traffic off loopback), `-c 1000` (default 40 concurrent) and `-b 1024` (default backlog 20, which at C=32 "
-  "drops SYNs and adds 1 s retransmits). systemd-socket-activate has no limits to raise.")
+  "drops SYNs and adds 1 s retransmits). systemd-socket-activate has no limits to raise. "
+  "Every launcher runs its child as root (the peers' `user = root`), so the superserver's services set "
+  "`allow_root = true` (it refuses root children otherwise).")
 P("")
 with open(out_path, "w") as f:
     f.write("\n".join(L) + "\n")
