@@ -313,7 +313,11 @@ impl<S: Source> Daemon<S> {
                 registry.deregister(&mut SourceFd(&fd))
             };
             if let Err(e) = result {
-                log::error!("{}: cannot (de)register {}: {e}", svc.def.name, slot.listen.addr);
+                log::error!(
+                    "{}: cannot (de)register {}: {e}",
+                    svc.def.name,
+                    slot.listen.addr
+                );
             }
         }
         svc.armed = want;
@@ -326,10 +330,7 @@ impl<S: Source> Daemon<S> {
         }
         for slot in &svc.slots {
             if let Some(bound) = &slot.bound {
-                let _ = self
-                    .poll
-                    .registry()
-                    .deregister(&mut SourceFd(&bound.fd()));
+                let _ = self.poll.registry().deregister(&mut SourceFd(&bound.fd()));
             }
         }
         svc.armed = false;
@@ -361,7 +362,10 @@ impl<S: Source> Daemon<S> {
         let svc = &mut self.services[i];
         if svc.backoff_until.is_some_and(|t| t <= now) {
             svc.backoff_until = None;
-            log::info!("{}: back-off over, watching its sockets again", svc.def.name);
+            log::info!(
+                "{}: back-off over, watching its sockets again",
+                svc.def.name
+            );
         }
         if svc.rate_until.is_some_and(|t| t <= now) {
             svc.rate_until = None;
@@ -444,12 +448,9 @@ impl<S: Source> Daemon<S> {
             ("LISTEN_FDS", OsStr::new(&nfds)),
             ("LISTEN_FDNAMES", OsStr::new(&fdnames)),
         ];
-        let result = svc.template.spawn(
-            Fds::Listeners(&fds),
-            &env,
-            true,
-            self.devnull.as_raw_fd(),
-        );
+        let result = svc
+            .template
+            .spawn(Fds::Listeners(&fds), &env, true, self.devnull.as_raw_fd());
         let (name, id) = (svc.def.name.clone(), svc.id);
         match result {
             Ok(pid) => {
@@ -476,7 +477,10 @@ impl<S: Source> Daemon<S> {
     /// Schedule the next attempt of a wait-mode service that did not take its connections:
     /// exponential back-off from `restart_backoff_min` to `restart_backoff_max`.
     fn failed_activation(&mut self, i: usize) {
-        let (min, max) = (self.global.restart_backoff_min, self.global.restart_backoff_max);
+        let (min, max) = (
+            self.global.restart_backoff_min,
+            self.global.restart_backoff_max,
+        );
         let svc = &mut self.services[i];
         svc.failures += 1;
         let factor = 1u32 << (svc.failures - 1).min(20);
@@ -767,7 +771,10 @@ impl<S: Source> Daemon<S> {
             let template = match Template::new(&def) {
                 Ok(t) => t,
                 Err(e) => {
-                    log::error!("reload: {}: cannot prepare exec: {e}; keeping it as it was", def.name);
+                    log::error!(
+                        "reload: {}: cannot prepare exec: {e}; keeping it as it was",
+                        def.name
+                    );
                     next.push((svc, false));
                     continue;
                 }
@@ -865,24 +872,28 @@ impl<S: Source> Daemon<S> {
         for slot in svc.slots.iter_mut().filter(|s| s.bound.is_none()) {
             slot.bound = match pool.take(&slot.listen) {
                 Some(b) => Some(b),
-                None => match sockets::bind(&slot.listen.addr, svc.def.backlog, &svc.def.unix_socket)
-                {
-                    Ok(b) => {
-                        log::info!("{}: listening on {}", svc.def.name, slot.listen.addr);
-                        Some(b)
+                None => {
+                    match sockets::bind(&slot.listen.addr, svc.def.backlog, &svc.def.unix_socket) {
+                        Ok(b) => {
+                            log::info!("{}: listening on {}", svc.def.name, slot.listen.addr);
+                            Some(b)
+                        }
+                        Err(e) => {
+                            log::error!("{}: {e}; will retry", svc.def.name);
+                            failed = true;
+                            None
+                        }
                     }
-                    Err(e) => {
-                        log::error!("{}: {e}; will retry", svc.def.name);
-                        failed = true;
-                        None
-                    }
-                },
+                }
             };
         }
         if failed {
             let delay = match svc.bind_retry {
                 Some((_, d)) => (d * 2).min(self.global.restart_backoff_max),
-                None => self.global.restart_backoff_min.max(Duration::from_millis(500)),
+                None => self
+                    .global
+                    .restart_backoff_min
+                    .max(Duration::from_millis(500)),
             };
             let at = Instant::now() + delay;
             svc.bind_retry = Some((at, delay));
@@ -957,7 +968,11 @@ fn prepare_sockets(svc: &Svc) {
         if let Some(b) = &slot.bound
             && let Err(e) = b.socket.set_nonblocking(svc.def.mode == Mode::Nowait)
         {
-            log::warn!("{}: {}: cannot set O_NONBLOCK: {e}", svc.def.name, slot.listen.addr);
+            log::warn!(
+                "{}: {}: cannot set O_NONBLOCK: {e}",
+                svc.def.name,
+                slot.listen.addr
+            );
         }
     }
 }

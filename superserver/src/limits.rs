@@ -29,8 +29,8 @@ impl TokenBucket {
     fn refill(&mut self, now: Instant) {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         let per = self.rate.per.as_secs_f64().max(1e-9);
-        self.tokens =
-            (self.tokens + elapsed * f64::from(self.rate.count) / per).min(f64::from(self.rate.count));
+        self.tokens = (self.tokens + elapsed * f64::from(self.rate.count) / per)
+            .min(f64::from(self.rate.count));
         self.last = now;
     }
 

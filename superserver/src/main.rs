@@ -73,5 +73,7 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         None => log::info!("ready"),
     }
     notify::ready("serving");
-    daemon.run().map_err(|e| Failure::Runtime(format!("event loop failed: {e}")))
+    daemon
+        .run()
+        .map_err(|e| Failure::Runtime(format!("event loop failed: {e}")))
 }

@@ -164,9 +164,8 @@ impl Pool {
         if let Some(b) = self.sockets.remove(&listen.addr) {
             return Some(b);
         }
-        let same_kind = |a: &ListenAddr| {
-            std::mem::discriminant(a) == std::mem::discriminant(&listen.addr)
-        };
+        let same_kind =
+            |a: &ListenAddr| std::mem::discriminant(a) == std::mem::discriminant(&listen.addr);
         let pos = self
             .by_name
             .iter()

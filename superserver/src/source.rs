@@ -92,7 +92,13 @@ pub fn inherited_sockets() -> Result<Vec<(String, RawFd, OwnedFd)>, String> {
 /// (and the `LISTEN_FDS` sockets, which are adopted explicitly) must never reach a service.
 pub fn cloexec_inherited_fds() {
     // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on open descriptors.
-    unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int) };
+    unsafe {
+        libc::close_range(
+            3,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+        )
+    };
 }
 
 /// Make sure fds 0, 1 and 2 are open (on `/dev/null` if not), so that no socket ever lands on

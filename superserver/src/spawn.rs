@@ -16,6 +16,10 @@ use std::os::unix::ffi::OsStrExt;
 
 use superserver_config::{Limits, Service};
 
+/// The most sockets one wait-mode service can be handed (the child moves them with a fixed,
+/// allocation-free table).
+const MAX_FDS: usize = 256;
+
 /// What a spawned child gets as file descriptors.
 pub enum Fds<'a> {
     /// Wait mode: the listening sockets at fd 3, 4, … in order; stdin is `/dev/null`.
@@ -113,6 +117,17 @@ impl Template {
         listen_pid: bool,
         devnull: RawFd,
     ) -> io::Result<libc::pid_t> {
+        if let Fds::Listeners(list) = fds
+            && list.len() > MAX_FDS
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} sockets; at most {MAX_FDS} can be handed over",
+                    list.len()
+                ),
+            ));
+        }
         // Everything the child reads is built here, in the parent.
         let mut env_strings: Vec<CString> = Vec::with_capacity(extra_env.len());
         for (k, v) in extra_env {
@@ -186,15 +201,15 @@ impl Template {
                     // First move every source above the target range, so that moving one
                     // socket into place can never overwrite another that is still to be moved.
                     let mut ok = true;
-                    let mut tmp = [0 as RawFd; 256];
+                    let mut tmp = [0 as RawFd; MAX_FDS];
                     for (i, &fd) in list.iter().enumerate().take(tmp.len()) {
                         tmp[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + n);
                         ok &= tmp[i] >= 0;
                     }
                     ok &= libc::dup2(devnull, 0) == 0 && libc::dup2(2, 1) == 1;
-                    for i in 0..list.len().min(tmp.len()) {
+                    for (i, &t) in tmp.iter().enumerate().take(list.len()) {
                         // dup2 clears FD_CLOEXEC on the new descriptor.
-                        ok &= libc::dup2(tmp[i], 3 + i as RawFd) == 3 + i as RawFd;
+                        ok &= libc::dup2(t, 3 + i as RawFd) == 3 + i as RawFd;
                     }
                     ok
                 }

@@ -13,10 +13,17 @@ fn check_prints_the_plan_of_a_valid_file_and_exits_0() {
         "[service.echo]\nallow_root = true\nmode = \"nowait\"\nexec = [\"/bin/cat\"]\nlisten = \"127.0.0.1:7107\"\n",
     )
     .unwrap();
-    let out = Command::new(superserver_bin()).arg("--check").arg(&path).output().unwrap();
+    let out = Command::new(superserver_bin())
+        .arg("--check")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("echo (nowait, max 64): echo tcp://127.0.0.1:7107 → /bin/cat"), "{stdout}");
+    assert!(
+        stdout.contains("echo (nowait, max 64): echo tcp://127.0.0.1:7107 → /bin/cat"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -28,25 +35,44 @@ fn check_reports_every_error_with_file_line_and_key_and_exits_3() {
         "[service.a]\nallow_root = true\nexec = []\nlisten = \"127.0.0.1:7\"\n\n[service.b]\nallow_root = true\nexec = [\"/bin/cat\"]\nmode = \"nowait\"\nlisten = \"udp://127.0.0.1:9\"\n",
     )
     .unwrap();
-    let out = Command::new(superserver_bin()).arg("--check").arg(&path).output().unwrap();
+    let out = Command::new(superserver_bin())
+        .arg("--check")
+        .arg(&path)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(lines.len() >= 2, "both errors reported: {stderr}");
-    assert!(lines[0].starts_with(&format!("{}:3:", path.display())), "{stderr}");
+    assert!(
+        lines[0].starts_with(&format!("{}:3:", path.display())),
+        "{stderr}"
+    );
     assert!(lines[0].contains("service.a.exec"), "{stderr}");
     assert!(stderr.contains("service.b.listen"), "{stderr}");
 }
 
 #[test]
 fn help_documents_exit_codes_and_signals() {
-    let out = Command::new(superserver_bin()).arg("--help").output().unwrap();
+    let out = Command::new(superserver_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0));
-    for needle in ["--config", "--check", "SIGHUP", "Exit codes", "3 invalid configuration"] {
+    for needle in [
+        "--config",
+        "--check",
+        "SIGHUP",
+        "Exit codes",
+        "3 invalid configuration",
+    ] {
         assert!(text.contains(needle), "--help lacks {needle:?}:\n{text}");
     }
-    let bad = Command::new(superserver_bin()).arg("--bogus").output().unwrap();
+    let bad = Command::new(superserver_bin())
+        .arg("--bogus")
+        .output()
+        .unwrap();
     assert_eq!(bad.status.code(), Some(2));
 }
 
@@ -54,10 +80,22 @@ fn help_documents_exit_codes_and_signals() {
 fn the_embedded_default_serves_the_small_services() {
     // The default config launches small-services from next to the superserver binary.
     let next_to = superserver_bin().with_file_name("small-services");
-    assert_eq!(small_services_bin(), next_to, "built into the same target directory");
-    let out = Command::new(superserver_bin()).arg("--check").output().unwrap();
+    assert_eq!(
+        small_services_bin(),
+        next_to,
+        "built into the same target directory"
+    );
+    let out = Command::new(superserver_bin())
+        .arg("--check")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for port in ["7007", "7009", "7013", "7017", "7019", "7037"] {
         assert!(stdout.contains(&format!("127.0.0.1:{port}")), "{stdout}");
     }

@@ -53,8 +53,10 @@ def fds():
         except OSError:
             pass
     return sorted(out)
+import resource
 def report(extra):
     r = {"pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid(),
+         "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
          "groups": sorted(os.getgroups()), "env": env, "cwd": os.getcwd(), "umask": 0}
     m = os.umask(0); os.umask(m); r["umask"] = m
     r.update(extra)
@@ -183,6 +185,22 @@ impl Server {
         self.wait_log_n(needle, 1)
     }
 
+    /// Wait until a log line contains every one of `needles`; return it.
+    pub fn wait_log_all(&self, needles: &[&str]) -> String {
+        let mut found = String::new();
+        wait_until(&format!("a log line with {needles:?}"), || {
+            let log = self.log.lock().unwrap();
+            match log.iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                Some(l) => {
+                    found = l.clone();
+                    true
+                }
+                None => false,
+            }
+        });
+        found
+    }
+
     /// Wait until `n` log lines contain `needle`; return the n-th.
     pub fn wait_log_n(&self, needle: &str, n: usize) -> String {
         let deadline = Instant::now() + WAIT;
@@ -285,8 +303,7 @@ fn expand(config: &str, dir: &Path) -> String {
             text.push_str("allow_root = true\n");
         }
     }
-    text
-        .replace("{SMALL}", &small_services_bin().display().to_string())
+    text.replace("{SMALL}", &small_services_bin().display().to_string())
         .replace("{DIR}", &dir.display().to_string())
         .replace("{PYTHON}", PYTHON)
 }
@@ -341,6 +358,24 @@ pub fn echo(addr: SocketAddr, line: &str) -> std::io::Result<String> {
     let mut out = String::new();
     r.read_line(&mut out)?;
     Ok(out.trim_end().to_string())
+}
+
+/// Connect from `src` (an address on lo such as 127.0.0.2) to `addr`.
+pub fn connect_from(src: &str, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.bind(&SockAddr::from(SocketAddr::new(src.parse().unwrap(), 0)))?;
+    s.connect_timeout(&SockAddr::from(addr), WAIT)?;
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(WAIT))?;
+    Ok(s)
+}
+
+/// Read one line from a stream (bounded by its read timeout). Empty at EOF.
+pub fn line_of(s: &TcpStream) -> std::io::Result<String> {
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut out = String::new();
+    r.read_line(&mut out)?;
+    Ok(out)
 }
 
 /// Connect and read until the server closes (bounded).

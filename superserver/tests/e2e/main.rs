@@ -3,4 +3,7 @@
 mod harness;
 
 mod cli;
+mod nowait;
+mod reload;
+mod sockets;
 mod wait_mode;

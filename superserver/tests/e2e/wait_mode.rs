@@ -21,26 +21,54 @@ fn first_connection_starts_the_service_with_the_systemd_protocol() {
         "#
     );
     let server = Server::start(&config, vec![a, b, u]);
-    assert_eq!(server.count_log("started pid"), 0, "nothing runs before a connection");
+    assert_eq!(
+        server.count_log("started pid"),
+        0,
+        "nothing runs before a connection"
+    );
 
     let (line, conn) = read_line(b_addr).unwrap();
     let r = json(&line);
     let pid = r["pid"].as_i64().unwrap();
-    assert_eq!(r["env"]["LISTEN_PID"], pid.to_string(), "LISTEN_PID is the child's own pid");
+    assert_eq!(
+        r["env"]["LISTEN_PID"],
+        pid.to_string(),
+        "LISTEN_PID is the child's own pid"
+    );
     assert_eq!(r["env"]["LISTEN_FDS"], "3");
     assert_eq!(r["env"]["LISTEN_FDNAMES"], "web:admin:admin");
-    assert_eq!(r["listen_fds"], serde_json::json!([3, 4, 5]), "libsystemd accepts them");
-    assert_eq!(r["fds"], serde_json::json!([0, 1, 2, 3, 4, 5]), "no other fd leaks");
+    assert_eq!(
+        r["listen_fds"],
+        serde_json::json!([3, 4, 5]),
+        "libsystemd accepts them"
+    );
+    assert_eq!(
+        r["fds"],
+        serde_json::json!([0, 1, 2, 3, 4, 5]),
+        "no other fd leaks"
+    );
     // A clean environment: the service's env, the pass-list, LISTEN_*, nothing else.
     let keys: HashSet<String> = r["env"].as_object().unwrap().keys().cloned().collect();
     let allowed: HashSet<String> = [
-        "IDLE", "PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG", "LISTEN_PID", "LISTEN_FDS",
-        "LISTEN_FDNAMES", "LC_CTYPE",
+        "IDLE",
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "RUST_LOG",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LC_CTYPE",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    assert!(keys.is_subset(&allowed), "unexpected variables: {:?}", keys.difference(&allowed));
+    assert!(
+        keys.is_subset(&allowed),
+        "unexpected variables: {:?}",
+        keys.difference(&allowed)
+    );
     drop(conn);
 
     // The same process answers on the other sockets, UDP included.
@@ -51,7 +79,12 @@ fn first_connection_starts_the_service_with_the_systemd_protocol() {
     udp.send_to(b"hi", u_addr).unwrap();
     let mut buf = [0u8; 65536];
     let (n, _) = udp.recv_from(&mut buf).unwrap();
-    assert_eq!(json(std::str::from_utf8(&buf[..n]).unwrap())["pid"].as_i64().unwrap(), pid);
+    assert_eq!(
+        json(std::str::from_utf8(&buf[..n]).unwrap())["pid"]
+            .as_i64()
+            .unwrap(),
+        pid
+    );
     assert_eq!(server.count_log("started pid"), 1);
 }
 
@@ -71,7 +104,11 @@ fn a_burst_on_a_cold_socket_is_fully_answered() {
     for (i, c) in clients.into_iter().enumerate() {
         assert_eq!(c.join().unwrap().unwrap(), format!("hello {i}"));
     }
-    assert_eq!(server.count_log("started pid"), 1, "one process served the burst");
+    assert_eq!(
+        server.count_log("started pid"),
+        1,
+        "one process served the burst"
+    );
 }
 
 #[test]
@@ -123,12 +160,26 @@ fn a_crash_loop_backs_off_cheaply_and_recovers_when_the_program_is_fixed() {
     let t0 = Instant::now();
     server.wait_log_n("back-off", 9);
     let share = (server.cpu_seconds() - cpu0) / t0.elapsed().as_secs_f64();
-    assert!(share < 0.05, "superserver used {:.1}% CPU while backing off", share * 100.0);
-    assert!(server.log.lock().unwrap().iter().any(|l| l.contains("next start in 400ms")),
-        "the delay doubles up to the cap");
+    assert!(
+        share < 0.05,
+        "superserver used {:.1}% CPU while backing off",
+        share * 100.0
+    );
+    assert!(
+        server
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("next start in 400ms")),
+        "the delay doubles up to the cap"
+    );
 
     // Fix the program: the next attempt serves the waiting client.
-    let fixed = format!("#!/bin/sh\nexec {} --idle-timeout=1s\n", small_services_bin().display());
+    let fixed = format!(
+        "#!/bin/sh\nexec {} --idle-timeout=1s\n",
+        small_services_bin().display()
+    );
     let tmp = dir.path().join("flaky.new");
     std::fs::write(&tmp, fixed).unwrap();
     std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -157,8 +208,10 @@ fn sigterm_stops_listening_terminates_children_and_exits_0() {
     let status = server.wait_exit();
     assert_eq!(status.code(), Some(0));
     assert!(proc_state(child[0]).is_none() || proc_state(child[0]) == Some('Z'));
-    assert!(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
-        "nothing listens any more");
+    assert!(
+        std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_err(),
+        "nothing listens any more"
+    );
 }
 
 #[test]
@@ -177,7 +230,13 @@ fn sockets_are_adopted_from_systemd_socket_activate() {
     // systemd-socket-activate binds, waits for the first connection, then execs the
     // superserver with LISTEN_FDS=1 and its own pid as LISTEN_PID.
     let mut ssa = std::process::Command::new("systemd-socket-activate")
-        .args(["-l", &format!("127.0.0.9:{port}"), "--fdname=echo", "-E", "RUST_LOG=info"])
+        .args([
+            "-l",
+            &format!("127.0.0.9:{port}"),
+            "--fdname=echo",
+            "-E",
+            "RUST_LOG=info",
+        ])
         .arg(superserver_bin())
         .arg("--config")
         .arg(&path)
