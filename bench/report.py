@@ -198,10 +198,14 @@ for mine in ("superserver-nowait", "superserver-wait"):
 v1000 = med(per_rep("superserver-1000", "ready1000", lambda d: d["rss_kib"]).values())
 r = v1000 / tcp_rss if (v1000 is not None and tcp_rss) else None
 P(f"| idle VmRSS, 1000 services: {fmt(v1000)} KiB vs tcpserver (1 service) {fmt(tcp_rss)} KiB | {fmt(r, 2, '×') if r is not None else 'n/a'} | ≤ 2.00× | {verdict(r, 2.0, ge=False)} |")
-for mine in ("superserver-nowait", "superserver-wait", "superserver-1000"):
-    w = per_rep(mine, "idle-wakeups", lambda d: d["per_s"])
+for mine, test, what in (("superserver-nowait", "idle-wakeups", "before any connection"),
+                         ("superserver-nowait", "idle-wakeups-after-load", "after the load, children gone"),
+                         ("superserver-wait", "idle-wakeups", "before any connection"),
+                         ("superserver-wait", "idle-wakeups-after-load", "after the load, small-services still running"),
+                         ("superserver-1000", "idle-wakeups", "after readiness")):
+    w = per_rep(mine, test, lambda d: d["per_s"])
     v = med(w.values())
-    P(f"| idle wake-ups/s ({mine}) | {fmt(v, 2, '/s') if v is not None else 'n/a'} | 0 | {verdict(v, 0.0, ge=False)} |")
+    P(f"| idle wake-ups/s, {mine}, {what} | {fmt(v, 2, '/s') if v is not None else 'n/a'} | 0 | {verdict(v, 0.0, ge=False)} |")
 r, _ = paired_ratio(cps("direct", "c32"), cps("epoll-echo", "c32"))
 trow("(report) C=32 conn/s: small-services (binding itself) ÷ epoll-echo.c", r, "–", "info")
 r, _ = paired_ratio(cps("direct", "c1"), cps("epoll-echo", "c1"))
@@ -291,7 +295,7 @@ P("## Held connections on a wait-mode small-services")
 P("")
 P("K idle connections opened by 8 threads, each echo-probed once, kept open, then checked alive (non-blocking peek: "
   "no EOF, no error). Memory = VmRSS/Pss summed over the server's process tree (superserver + small-services) "
-  "before the first connection and while all are held.")
+  "after one warm-up connection (so the wait-mode service is running) and while all are held.")
 P("")
 P("| row | served / opened / asked | alive at end | errors | tree VmRSS before → held KiB | Pss before → held KiB | processes | Pss per conn KiB |")
 P("|---|---|--:|---|---|---|--:|--:|")
