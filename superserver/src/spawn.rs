@@ -3,11 +3,19 @@
 //!
 //! Why not `std::process::Command`: systemd's protocol wants `LISTEN_PID` to be the *child's*
 //! pid, which only exists after `fork`, and std fixes the environment before its `pre_exec`
-//! hooks run (a `setenv` there is silently lost once `.env()` was used). So we `fork` and
-//! `execve` by hand: the parent builds argv and envp as C strings, including a
+//! hooks run (a `setenv` there is silently lost once `.env()` was used). So we start the child
+//! and `execve` by hand: the parent builds argv and envp as C strings, including a
 //! `LISTEN_PID=` buffer with room for the digits; the child writes its own pid into that buffer
 //! (no allocation), moves the fds into place and execs. Nothing in the child allocates, locks
 //! or logs; a failure is reported with `write(2)` and `_exit(127)`.
+//!
+//! The child is started the way glibc's `posix_spawn` does it: `clone(CLONE_VM | CLONE_VFORK)`
+//! on a small separate stack. The child shares the parent's memory until it execs (no page
+//! tables copied, no copy-on-write faults) and the parent sleeps until then: this is most of
+//! what a process per connection costs the superserver. All signals are blocked around the
+//! clone; the child resets the handlers it inherited to their defaults before unblocking, and
+//! changes credentials with raw system calls (glibc's wrappers would try to synchronise the
+//! parent's threads through shared memory).
 
 use std::ffi::{CString, OsStr};
 use std::io;
@@ -150,50 +158,72 @@ impl Template {
         let mut groups = self.creds.as_ref().map(|c| c.2.clone()).unwrap_or_default();
         groups.shrink_to_fit();
 
-        // SAFETY: the superserver is single-threaded, so the child is a copy of the only
-        // thread; between fork and execve the child only calls async-signal-safe functions
-        // (child_exec), touches memory prepared above and never returns.
-        let pid = unsafe { libc::fork() };
-        match pid {
-            -1 => Err(io::Error::last_os_error()),
-            0 => {
-                let pid_slot = if listen_pid {
-                    Some(&mut pid_buf[PID_PREFIX.len()..])
-                } else {
-                    None
-                };
-                // SAFETY: we are the freshly forked child (see above).
-                unsafe { self.child_exec(&fds, devnull, pid_slot, &argv, &envp, &groups) }
+        let args = ChildArgs {
+            template: self,
+            fds: &fds,
+            devnull,
+            pid_slot: if listen_pid {
+                pid_buf[PID_PREFIX.len()..].as_mut_ptr()
+            } else {
+                std::ptr::null_mut()
+            },
+            argv: &argv,
+            envp: &envp,
+            groups: &groups,
+        };
+        STACK.with(|stack| {
+            let mut stack = stack.borrow_mut();
+            // SAFETY: the stack grows down from its 16-byte aligned top; the child runs on it
+            // only until execve or _exit, while this thread sleeps (CLONE_VFORK), so nothing
+            // else uses the buffer meanwhile. `args` outlives the child's use of it for the
+            // same reason. All signals are blocked so no handler of ours runs in the child.
+            unsafe {
+                let top = stack.as_mut_ptr().add(stack.len());
+                let top = top.sub(top as usize % 16);
+                let mut all: libc::sigset_t = std::mem::zeroed();
+                let mut old: libc::sigset_t = std::mem::zeroed();
+                libc::sigfillset(&mut all);
+                libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+                let pid = libc::clone(
+                    child_entry,
+                    top.cast(),
+                    libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+                    (&args as *const ChildArgs<'_>).cast_mut().cast(),
+                );
+                let err = io::Error::last_os_error();
+                libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                if pid == -1 { Err(err) } else { Ok(pid) }
             }
-            pid => Ok(pid),
-        }
+        })
     }
 
     /// The child side: set up and exec, or report and `_exit(127)`.
     ///
     /// # Safety
-    /// Must only be called in a child right after `fork` of a single-threaded process.
-    unsafe fn child_exec(
-        &self,
-        fds: &Fds<'_>,
-        devnull: RawFd,
-        pid_slot: Option<&mut [u8]>,
-        argv: &[*const libc::c_char],
-        envp: &[*const libc::c_char],
-        groups: &[libc::gid_t],
-    ) -> ! {
-        // SAFETY: all calls below are async-signal-safe system call wrappers operating on
-        // memory prepared by the parent before fork; see the function's contract.
+    /// Must only be called in the child started by `spawn`, with every signal blocked.
+    unsafe fn child_exec(&self, a: &ChildArgs<'_>) -> ! {
+        let (fds, devnull, groups) = (a.fds, a.devnull, a.groups);
+        // SAFETY: all calls below are async-signal-safe system calls operating on memory
+        // prepared by the parent before clone; see the function's contract.
         unsafe {
-            // Own session: a Ctrl-C meant for the superserver does not hit the services, and
-            // the superserver decides how they stop.
-            libc::setsid();
-            // Undo what the Rust runtime and signal handling did to this process image:
-            // SIGPIPE is ignored by Rust's runtime and would be inherited through exec.
-            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            // Our handlers are inherited (the table is copied, not shared): back to defaults
+            // before unblocking. SIGPIPE is ignored by Rust's runtime and would otherwise
+            // stay ignored through exec.
+            for sig in [
+                libc::SIGCHLD,
+                libc::SIGHUP,
+                libc::SIGTERM,
+                libc::SIGINT,
+                libc::SIGPIPE,
+            ] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // Own session: a Ctrl-C meant for the superserver does not hit the services, and
+            // the superserver decides how they stop.
+            libc::setsid();
 
             let ok = match *fds {
                 Fds::Listeners(list) => {
@@ -232,7 +262,8 @@ impl Template {
                 Fds::Fd3(_) => 4,
             };
             libc::close_range(first_free, libc::c_uint::MAX, 0);
-            if let Some(slot) = pid_slot {
+            if !a.pid_slot.is_null() {
+                let slot = std::slice::from_raw_parts_mut(a.pid_slot, 21);
                 write_decimal(slot, libc::getpid() as u64);
             }
             if let Some(n) = self.limits.nofile {
@@ -261,13 +292,13 @@ impl Template {
             }
             // Privileges last, in the only safe order: groups, gid, uid.
             if let Some((uid, gid, _)) = self.creds
-                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0)
+                && (libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
+                    || libc::syscall(libc::SYS_setgid, gid) != 0
+                    || libc::syscall(libc::SYS_setuid, uid) != 0)
             {
                 self.die();
             }
-            libc::execve(self.program.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::execve(self.program.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
             self.die()
         }
     }
@@ -289,6 +320,30 @@ impl Template {
             libc::_exit(127)
         }
     }
+}
+
+/// Everything the child needs, passed through `clone`'s argument pointer.
+struct ChildArgs<'a> {
+    template: &'a Template,
+    fds: &'a Fds<'a>,
+    devnull: RawFd,
+    /// Where to write the child's pid digits (`LISTEN_PID=` value), or null.
+    pid_slot: *mut u8,
+    argv: &'a [*const libc::c_char],
+    envp: &'a [*const libc::c_char],
+    groups: &'a [libc::gid_t],
+}
+
+thread_local! {
+    /// The stack children run on between clone and execve (one is enough: the parent waits).
+    static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 128 * 1024]);
+}
+
+extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `ChildArgs` that `spawn` keeps alive until we exec or exit.
+    let a = unsafe { &*(arg as *const ChildArgs<'_>) };
+    // SAFETY: we are the child started by `spawn`, with every signal blocked.
+    unsafe { a.template.child_exec(a) }
 }
 
 /// Write `n` in decimal followed by a NUL into `buf`, without allocating. Returns the number
