@@ -1,1 +1,17 @@
-//! placeholder
+//! Make any server socket-activatable (take sockets from systemd/systemfd/inetd or bind them, accept until idle, drain on SIGTERM), and serve the classic small services with it.
+//!
+//! * [`activation`]: take and check sockets passed through `LISTEN_FDS` (the superserver reuses it).
+//! * [`bind`]: bind `NAME=ADDRESS` specs ourselves when nothing was passed.
+//! * [`server`]: the single-threaded event loop: accept, time out, idle exit, drain.
+//! * [`protocols`]: what echo, discard, chargen, daytime, time and qotd answer.
+//! * [`app`]: what the binary does, from parsed flags to an exit code.
+//! * [`cli`]: flags, environment variables and exit codes of the binary.
+//! * [`notify`]: `sd_notify` READY/STOPPING.
+
+pub mod activation;
+pub mod app;
+pub mod bind;
+pub mod cli;
+pub mod notify;
+pub mod protocols;
+pub mod server;
