@@ -614,6 +614,7 @@ impl Server {
                             .unwrap_or_else(|| "unix".to_owned()),
                     };
                     let protocol = self.listeners[i].l.protocol;
+                    log::debug!("{}: accepted {peer}", self.listeners[i].l.name);
                     self.insert(Io::Socket(OwnedFd::from(stream)), i, protocol, peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
