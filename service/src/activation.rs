@@ -35,7 +35,12 @@ use std::os::unix::net::{UnixDatagram, UnixListener};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 /// The environment variables of the protocol, all removed by [`take_all_from_env`].
-pub const ACTIVATION_VARS: [&str; 4] = ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID"];
+pub const ACTIVATION_VARS: [&str; 4] = [
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
+];
 
 /// The name systemd gives an fd that has none.
 pub const UNKNOWN_NAME: &str = "unknown";
@@ -103,9 +108,18 @@ pub enum ActivationError {
     /// The fd is open but is not a socket (a pipe, a file, a tty).
     NotASocket { number: i32, name: String },
     /// A system call on the fd failed.
-    Io { number: i32, name: String, source: io::Error },
+    Io {
+        number: i32,
+        name: String,
+        source: io::Error,
+    },
     /// The fd is a socket, but not the kind the caller needs.
-    WrongKind { number: i32, name: String, found: SocketKind, expected: String },
+    WrongKind {
+        number: i32,
+        name: String,
+        found: SocketKind,
+        expected: String,
+    },
 }
 
 impl fmt::Display for ActivationError {
@@ -121,9 +135,17 @@ impl fmt::Display for ActivationError {
                 write!(f, "inherited fd {number} (name {name:?}) is not a socket")
             }
             ActivationError::Io { number, name, .. } => {
-                write!(f, "inherited fd {number} (name {name:?}) cannot be inspected")
+                write!(
+                    f,
+                    "inherited fd {number} (name {name:?}) cannot be inspected"
+                )
             }
-            ActivationError::WrongKind { number, name, found, expected } => write!(
+            ActivationError::WrongKind {
+                number,
+                name,
+                found,
+                expected,
+            } => write!(
                 f,
                 "inherited fd {number} (name {name:?}) is a {found}, expected {expected}"
             ),
@@ -180,10 +202,13 @@ fn take_from(
     let Some(fds_value) = fds_var else {
         return Ok(Vec::new());
     };
-    let count: usize = fds_value.trim().parse().map_err(|_| ActivationError::BadVariable {
-        var: "LISTEN_FDS",
-        value: fds_value.to_owned(),
-    })?;
+    let count: usize = fds_value
+        .trim()
+        .parse()
+        .map_err(|_| ActivationError::BadVariable {
+            var: "LISTEN_FDS",
+            value: fds_value.to_owned(),
+        })?;
     match pid_var.map(str::trim) {
         None | Some("") => {}
         Some(pid) => {
@@ -192,7 +217,10 @@ fn take_from(
                 value: pid.to_owned(),
             })?;
             if pid != std::process::id() {
-                log::debug!("LISTEN_PID={pid} is not our pid {}: ignoring LISTEN_FDS", std::process::id());
+                log::debug!(
+                    "LISTEN_PID={pid} is not our pid {}: ignoring LISTEN_FDS",
+                    std::process::id()
+                );
                 return Ok(Vec::new());
             }
         }
@@ -213,7 +241,10 @@ fn take_from(
     if let Some(first) = first_fd_var
         && first.trim().parse::<RawFd>().is_err()
     {
-        return Err(ActivationError::BadVariable { var: "LISTEN_FDS_FIRST_FD", value: first.to_owned() });
+        return Err(ActivationError::BadVariable {
+            var: "LISTEN_FDS_FIRST_FD",
+            value: first.to_owned(),
+        });
     }
 
     // listenfd re-reads LISTEN_FDS/LISTEN_PID (still set: we remove them after this returns),
@@ -221,14 +252,20 @@ fn take_from(
     let mut listen = listenfd::ListenFd::from_env();
     if listen.len() != count {
         // Only possible if the environment changed under us.
-        return Err(ActivationError::BadVariable { var: "LISTEN_FDS", value: fds_value.to_owned() });
+        return Err(ActivationError::BadVariable {
+            var: "LISTEN_FDS",
+            value: fds_value.to_owned(),
+        });
     }
     let mut names: Vec<String> = names_var
         .filter(|n| !n.is_empty())
         .map(|n| n.split(':').map(str::to_owned).collect())
         .unwrap_or_default();
     if names.len() > count {
-        log::warn!("LISTEN_FDNAMES has {} names for {count} fds: ignoring the extra ones", names.len());
+        log::warn!(
+            "LISTEN_FDNAMES has {} names for {count} fds: ignoring the extra ones",
+            names.len()
+        );
     }
     names.resize(count, UNKNOWN_NAME.to_owned());
 
@@ -255,12 +292,21 @@ fn take_from(
         // (F_SETFD succeeded) and listenfd handed it out once, so this is its only owner.
         let fd = unsafe { OwnedFd::from_raw_fd(number) };
         match classify(fd.as_fd()) {
-            Ok(Some(kind)) => sockets.push(InheritedSocket { fd, name, number, kind }),
+            Ok(Some(kind)) => sockets.push(InheritedSocket {
+                fd,
+                name,
+                number,
+                kind,
+            }),
             Ok(None) => {
                 first_error.get_or_insert(ActivationError::NotASocket { number, name });
             }
             Err(source) => {
-                first_error.get_or_insert(ActivationError::Io { number, name, source });
+                first_error.get_or_insert(ActivationError::Io {
+                    number,
+                    name,
+                    source,
+                });
             }
         }
     }
@@ -311,7 +357,11 @@ pub fn classify(fd: BorrowedFd<'_>) -> io::Result<Option<SocketKind>> {
         SocketKind::UnixDatagram
     } else if ty == Type::STREAM && (inet || unix) {
         if socket.is_listener()? {
-            if inet { SocketKind::TcpListener } else { SocketKind::UnixListener }
+            if inet {
+                SocketKind::TcpListener
+            } else {
+                SocketKind::UnixListener
+            }
         } else if socket.peer_addr().is_ok() {
             SocketKind::ConnectedStream
         } else {
@@ -400,7 +450,11 @@ mod tests {
     #[test]
     fn other_pid_means_nothing() {
         let other = (std::process::id() + 1).to_string();
-        assert!(take_from(Some("1"), Some(&other), None, None, None).unwrap().is_empty());
+        assert!(
+            take_from(Some("1"), Some(&other), None, None, None)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
@@ -412,11 +466,17 @@ mod tests {
     #[test]
     fn classify_kinds() {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        assert_eq!(classify(tcp.as_fd()).unwrap(), Some(SocketKind::TcpListener));
+        assert_eq!(
+            classify(tcp.as_fd()).unwrap(),
+            Some(SocketKind::TcpListener)
+        );
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         assert_eq!(classify(udp.as_fd()).unwrap(), Some(SocketKind::UdpSocket));
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        assert_eq!(classify(a.as_fd()).unwrap(), Some(SocketKind::ConnectedStream));
+        assert_eq!(
+            classify(a.as_fd()).unwrap(),
+            Some(SocketKind::ConnectedStream)
+        );
         let (d, _e) = UnixDatagram::pair().unwrap();
         assert_eq!(classify(d.as_fd()).unwrap(), Some(SocketKind::UnixDatagram));
         let (r, _w) = nix::unistd::pipe().unwrap();

@@ -26,7 +26,10 @@ pub enum AppError {
     /// Exit 4.
     Bind(BindError),
     /// Exit 1.
-    Runtime { context: &'static str, source: io::Error },
+    Runtime {
+        context: &'static str,
+        source: io::Error,
+    },
 }
 
 impl AppError {
@@ -73,13 +76,15 @@ impl std::error::Error for AppError {
 pub fn stderr_is_client() -> bool {
     let stdin = io::stdin();
     let stderr = io::stderr();
-    matches!(activation::classify(stdin.as_fd()), Ok(Some(_))) && activation::same_file(stdin.as_fd(), stderr.as_fd())
+    matches!(activation::classify(stdin.as_fd()), Ok(Some(_)))
+        && activation::same_file(stdin.as_fd(), stderr.as_fd())
 }
 
 /// env_logger on stderr: level from `RUST_LOG` (default info), no timestamps under journald
 /// (`JOURNAL_STREAM`), off when stderr is the client's socket.
 pub fn init_logging(quiet: bool) {
-    let mut builder = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.format_timestamp(None);
     }
@@ -91,7 +96,10 @@ pub fn init_logging(quiet: bool) {
 
 /// Serves until a clean end (exit 0) or fails with an [`AppError`].
 /// `inherited` is the result of [`activation::take_all_from_env`], taken first thing in `main`.
-pub fn run(args: Args, inherited: Result<Vec<InheritedSocket>, ActivationError>) -> Result<Outcome, AppError> {
+pub fn run(
+    args: Args,
+    inherited: Result<Vec<InheritedSocket>, ActivationError>,
+) -> Result<Outcome, AppError> {
     let quotes = match &args.quote_file {
         Some(path) => Quotes::from_file(path)
             .map_err(|e| AppError::Usage(format!("--quote-file {}: {e}", path.display())))?,
@@ -105,7 +113,11 @@ pub fn run(args: Args, inherited: Result<Vec<InheritedSocket>, ActivationError>)
 
     let (listeners, connections, default_idle) = if let Some(protocol) = args.inetd {
         if stdin_serves_as_listener {
-            (vec![stdin_listener(protocol)?], vec![], Some(DEFAULT_IDLE_TIMEOUT))
+            (
+                vec![stdin_listener(protocol)?],
+                vec![],
+                Some(DEFAULT_IDLE_TIMEOUT),
+            )
         } else {
             (vec![], vec![stdio_connection(protocol)?], None)
         }
@@ -120,8 +132,15 @@ pub fn run(args: Args, inherited: Result<Vec<InheritedSocket>, ActivationError>)
         } else if !args.listen.is_empty() {
             (bound(&args)?, vec![], None)
         } else if stdin_serves_as_listener {
-            let protocol = args.protocol.ok_or(AppError::NoProtocol { number: 0, name: "stdin".to_owned() })?;
-            (vec![stdin_listener(protocol)?], vec![], Some(DEFAULT_IDLE_TIMEOUT))
+            let protocol = args.protocol.ok_or(AppError::NoProtocol {
+                number: 0,
+                name: "stdin".to_owned(),
+            })?;
+            (
+                vec![stdin_listener(protocol)?],
+                vec![],
+                Some(DEFAULT_IDLE_TIMEOUT),
+            )
         } else {
             return Err(AppError::Usage(
                 "nothing to serve: no sockets passed in (LISTEN_FDS), no --listen, no --inetd, and stdin is not a \
@@ -137,9 +156,13 @@ pub fn run(args: Args, inherited: Result<Vec<InheritedSocket>, ActivationError>)
     });
     let mut max_connections = args.max_connections as usize;
     // Each connection needs one fd (two on stdin/stdout); keep some for listeners and logs.
-    let usable = (fd_limit as usize).saturating_sub(listeners.len() + 16).max(1);
+    let usable = (fd_limit as usize)
+        .saturating_sub(listeners.len() + 16)
+        .max(1);
     if max_connections > usable {
-        log::warn!("--max-connections {max_connections} exceeds the fd limit {fd_limit}: using {usable}");
+        log::warn!(
+            "--max-connections {max_connections} exceeds the fd limit {fd_limit}: using {usable}"
+        );
         max_connections = usable;
     }
     let config = server::Config {
@@ -150,7 +173,10 @@ pub fn run(args: Args, inherited: Result<Vec<InheritedSocket>, ActivationError>)
         quotes,
     };
     let outcome =
-        server::run(listeners, connections, config).map_err(|source| AppError::Runtime { context: "event loop", source })?;
+        server::run(listeners, connections, config).map_err(|source| AppError::Runtime {
+            context: "event loop",
+            source,
+        })?;
     log::debug!("exit: {outcome:?}");
     Ok(outcome)
 }
@@ -158,7 +184,10 @@ pub fn run(args: Args, inherited: Result<Vec<InheritedSocket>, ActivationError>)
 fn protocol_for(number: i32, name: &str, fallback: Option<Protocol>) -> Result<Protocol, AppError> {
     Protocol::from_fd_name(name)
         .or(fallback)
-        .ok_or_else(|| AppError::NoProtocol { number, name: name.to_owned() })
+        .ok_or_else(|| AppError::NoProtocol {
+            number,
+            name: name.to_owned(),
+        })
 }
 
 fn from_inherited(
@@ -173,7 +202,11 @@ fn from_inherited(
             SocketKind::TcpListener | SocketKind::UnixListener | SocketKind::UdpSocket => {
                 let describe = format!(
                     "{} {} (fd {}, name {:?})",
-                    if s.kind == SocketKind::UdpSocket { "udp" } else { "stream" },
+                    if s.kind == SocketKind::UdpSocket {
+                        "udp"
+                    } else {
+                        "stream"
+                    },
                     server::describe_local(&s.fd),
                     s.number,
                     s.name
@@ -191,12 +224,18 @@ fn from_inherited(
                 let peer = peer_of(s.fd.as_fd());
                 log::debug!("fd {} ({}): one connection from {peer}", s.number, s.name);
                 set_nonblocking(s.fd.as_fd())?;
-                connections.push(Connection { name: s.name, protocol, read: s.fd, write: None, peer });
+                connections.push(Connection {
+                    name: s.name,
+                    protocol,
+                    read: s.fd,
+                    write: None,
+                    peer,
+                });
             }
             SocketKind::UnixDatagram | SocketKind::Other => {
-                return Err(AppError::Activation(
-                    s.wrong_kind("a TCP/unix stream listener, a UDP socket or a connected stream socket"),
-                ));
+                return Err(AppError::Activation(s.wrong_kind(
+                    "a TCP/unix stream listener, a UDP socket or a connected stream socket",
+                )));
             }
         }
     }
@@ -234,7 +273,15 @@ fn bound(args: &Args) -> Result<Vec<Listener>, AppError> {
 fn stdin_listener(protocol: Protocol) -> Result<Listener, AppError> {
     let fd = take_stdio(0)?;
     let kind = activation::classify(fd.as_fd()).ok().flatten();
-    let describe = format!("{} {} (stdin)", if kind == Some(SocketKind::UdpSocket) { "udp" } else { "stream" }, server::describe_local(&fd));
+    let describe = format!(
+        "{} {} (stdin)",
+        if kind == Some(SocketKind::UdpSocket) {
+            "udp"
+        } else {
+            "stream"
+        },
+        server::describe_local(&fd)
+    );
     Ok(Listener {
         name: "stdin".to_owned(),
         protocol,
@@ -252,7 +299,13 @@ fn stdio_connection(protocol: Protocol) -> Result<Connection, AppError> {
     let peer = peer_of(read.as_fd());
     set_nonblocking(read.as_fd())?;
     set_nonblocking(write.as_fd())?;
-    Ok(Connection { name: "inetd".to_owned(), protocol, read, write: Some(write), peer })
+    Ok(Connection {
+        name: "inetd".to_owned(),
+        protocol,
+        read,
+        write: Some(write),
+        peer,
+    })
 }
 
 /// Takes over fd 0 or 1: returns our own (close-on-exec) duplicate and points the standard
@@ -263,7 +316,9 @@ fn take_stdio(number: RawFd) -> Result<OwnedFd, AppError> {
     // SAFETY: 0 and 1 stay open for the whole life of the process: below they are only ever
     // replaced atomically by dup2, never closed.
     let original = unsafe { BorrowedFd::borrow_raw(number) };
-    let ours = original.try_clone_to_owned().map_err(runtime("dup stdin/stdout"))?;
+    let ours = original
+        .try_clone_to_owned()
+        .map_err(runtime("dup stdin/stdout"))?;
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -278,9 +333,15 @@ fn take_stdio(number: RawFd) -> Result<OwnedFd, AppError> {
 
 fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<(), AppError> {
     use nix::fcntl::{FcntlArg, OFlag, fcntl};
-    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| AppError::Runtime { context: "fcntl", source: e.into() })?;
+    let flags = fcntl(fd, FcntlArg::F_GETFL).map_err(|e| AppError::Runtime {
+        context: "fcntl",
+        source: e.into(),
+    })?;
     let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
-    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| AppError::Runtime { context: "fcntl", source: e.into() })?;
+    fcntl(fd, FcntlArg::F_SETFL(flags)).map_err(|e| AppError::Runtime {
+        context: "fcntl",
+        source: e.into(),
+    })?;
     Ok(())
 }
 
@@ -291,7 +352,10 @@ fn peer_of(fd: BorrowedFd<'_>) -> String {
     match socket2::SockRef::from(&fd).peer_addr() {
         Ok(a) => match a.as_socket() {
             Some(sa) => sa.to_string(),
-            None => a.as_pathname().map(|p| p.display().to_string()).unwrap_or_else(|| "unix".to_owned()),
+            None => a
+                .as_pathname()
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "unix".to_owned()),
         },
         Err(_) => "?".to_owned(),
     }

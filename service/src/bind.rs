@@ -71,11 +71,16 @@ impl FromStr for ListenSpec {
             }
             ListenAddr::Unix(PathBuf::from(path))
         } else if addr.contains("://") {
-            return Err(format!("{addr:?}: unknown scheme (use tcp://, udp:// or unix:)"));
+            return Err(format!(
+                "{addr:?}: unknown scheme (use tcp://, udp:// or unix:)"
+            ));
         } else {
             ListenAddr::Tcp(parse_ip_port(addr)?)
         };
-        Ok(ListenSpec { name: name.to_owned(), addr })
+        Ok(ListenSpec {
+            name: name.to_owned(),
+            addr,
+        })
     }
 }
 
@@ -87,7 +92,11 @@ fn parse_ip_port(s: &str) -> Result<SocketAddr, String> {
 
 /// Parses a comma-separated list, as in `SMALL_SERVICES_LISTEN`.
 pub fn parse_list(s: &str) -> Result<Vec<ListenSpec>, String> {
-    s.split(',').map(str::trim).filter(|p| !p.is_empty()).map(str::parse).collect()
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// A socket we bound ourselves.
@@ -127,7 +136,12 @@ impl std::error::Error for BindError {
 pub fn bind_all(specs: &[ListenSpec]) -> Result<Vec<BoundSocket>, BindError> {
     specs
         .iter()
-        .map(|spec| bind_one(spec).map_err(|source| BindError { spec: spec.clone(), source }))
+        .map(|spec| {
+            bind_one(spec).map_err(|source| BindError {
+                spec: spec.clone(),
+                source,
+            })
+        })
         .collect()
 }
 
@@ -163,7 +177,13 @@ fn bind_one(spec: &ListenSpec) -> io::Result<BoundSocket> {
         ListenAddr::Tcp(_) => format!("tcp://{}", local_ip_port(&socket)),
         ListenAddr::Udp(_) => format!("udp://{}", local_ip_port(&socket)),
     };
-    Ok(BoundSocket { fd: socket.into(), name: spec.name.clone(), kind, local, created_path })
+    Ok(BoundSocket {
+        fd: socket.into(),
+        name: spec.name.clone(),
+        kind,
+        local,
+        created_path,
+    })
 }
 
 fn local_ip_port(socket: &Socket) -> String {
@@ -181,7 +201,10 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => Err(io::Error::new(io::ErrorKind::AddrInUse, "a server is accepting on it")),
+                Ok(_) => Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a server is accepting on it",
+                )),
                 Err(_) => std::fs::remove_file(path),
             }
         }

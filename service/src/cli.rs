@@ -76,7 +76,12 @@ pub struct Args {
     /// Bind NAME=ADDRESS when no socket is passed in (repeatable). ADDRESS is tcp://IP:PORT,
     /// udp://IP:PORT, unix:/PATH or bare IP:PORT (TCP); IPv6 as [::1]:PORT; IP literals only.
     /// NAME picks the protocol. The variable holds a comma-separated list.
-    #[arg(long, value_name = "NAME=ADDRESS", env = "SMALL_SERVICES_LISTEN", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "NAME=ADDRESS",
+        env = "SMALL_SERVICES_LISTEN",
+        value_delimiter = ','
+    )]
     pub listen: Vec<ListenSpec>,
 
     /// Protocol for sockets whose name is not a protocol name (`unknown`, `connection`, stdin).
@@ -114,7 +119,10 @@ pub struct Args {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s.parse().map(Duration::from_secs).map_err(|e| e.to_string());
+        return s
+            .parse()
+            .map(Duration::from_secs)
+            .map_err(|e| e.to_string());
     }
     humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (try 8s, 500ms, 1m)"))
 }

@@ -69,20 +69,44 @@ pub const SECONDS_1900_TO_1970: u64 = 2_208_988_800;
 /// The RFC 868 answer for `now`: seconds since 1900 modulo 2^32 (it wraps in 2036, as the RFC
 /// format does), big-endian.
 pub fn time_reply(now: SystemTime) -> [u8; 4] {
-    let unix = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let unix = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     (((unix + SECONDS_1900_TO_1970) & 0xffff_ffff) as u32).to_be_bytes()
 }
 
-const WEEKDAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+const WEEKDAYS: [&str; 7] = [
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+];
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 
 /// The RFC 867 answer for `now`, always in UTC so no time zone database is needed:
 /// `Sunday, November 22, 2026 00:38:33-UTC\r\n` (the format the RFC suggests, with `-UTC`).
 pub fn daytime_reply(now: SystemTime) -> String {
-    let secs = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     let (year, month, day) = civil_from_days(days);
@@ -161,7 +185,12 @@ pub struct Quotes {
 
 impl Default for Quotes {
     fn default() -> Self {
-        Quotes { quotes: BUILTIN_QUOTES.iter().map(|q| q.as_bytes().to_vec()).collect() }
+        Quotes {
+            quotes: BUILTIN_QUOTES
+                .iter()
+                .map(|q| q.as_bytes().to_vec())
+                .collect(),
+        }
     }
 }
 
@@ -205,7 +234,10 @@ impl Quotes {
             if line.is_empty() {
                 if !current.is_empty() {
                     if current.len() >= QOTD_MAX {
-                        return Err(QuoteFileError::TooLong { quote: quotes.len() + 1, bytes: current.len() });
+                        return Err(QuoteFileError::TooLong {
+                            quote: quotes.len() + 1,
+                            bytes: current.len(),
+                        });
                     }
                     quotes.push(std::mem::take(&mut current).into_bytes());
                 }
@@ -235,10 +267,19 @@ mod tests {
     fn daytime_format() {
         // 2026-11-22 00:38:33 UTC
         let t = UNIX_EPOCH + Duration::from_secs(1_795_307_913);
-        assert_eq!(daytime_reply(t), "Sunday, November 22, 2026 00:38:33-UTC\r\n");
-        assert_eq!(daytime_reply(UNIX_EPOCH), "Thursday, January 1, 1970 00:00:00-UTC\r\n");
+        assert_eq!(
+            daytime_reply(t),
+            "Sunday, November 22, 2026 00:38:33-UTC\r\n"
+        );
+        assert_eq!(
+            daytime_reply(UNIX_EPOCH),
+            "Thursday, January 1, 1970 00:00:00-UTC\r\n"
+        );
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
-        assert_eq!(daytime_reply(leap), "Tuesday, February 29, 2000 00:00:00-UTC\r\n");
+        assert_eq!(
+            daytime_reply(leap),
+            "Tuesday, February 29, 2000 00:00:00-UTC\r\n"
+        );
     }
 
     #[test]
@@ -277,7 +318,10 @@ mod tests {
         assert_eq!(q.pick(0), b"one\r\nline\r\n");
         assert_eq!(q.pick(1), b"two\r\n");
         assert!(matches!(Quotes::parse("\n\n"), Err(QuoteFileError::Empty)));
-        assert!(matches!(Quotes::parse(&"x".repeat(600)), Err(QuoteFileError::TooLong { .. })));
+        assert!(matches!(
+            Quotes::parse(&"x".repeat(600)),
+            Err(QuoteFileError::TooLong { .. })
+        ));
         for q in BUILTIN_QUOTES {
             assert!(q.len() < QOTD_MAX);
         }

@@ -92,6 +92,8 @@ const SIGNAL_TOKEN: Token = Token(usize::MAX);
 const CONN_BASE: usize = 1 << 32;
 /// Bytes read or written per call (one shared buffer).
 const SCRATCH: usize = 64 * 1024;
+/// Most bytes read per call: bounds what an echo client that does not read can make us hold.
+const READ_CHUNK: usize = 16 * 1024;
 /// Calls per connection/listener per wake-up before yielding to others.
 const BUDGET: usize = 16;
 /// After EMFILE/ENFILE, wait this long before accepting again.
@@ -180,7 +182,11 @@ pub fn raise_fd_limit() -> io::Result<u64> {
 /// Serves `listeners` and `connections` until idle, signalled, or (with no listeners) the
 /// connections are done. `Err` is a failure of the event loop itself (exit code 1); errors of
 /// single connections are logged and close only that connection.
-pub fn run(listeners: Vec<Listener>, connections: Vec<Connection>, config: Config) -> io::Result<Outcome> {
+pub fn run(
+    listeners: Vec<Listener>,
+    connections: Vec<Connection>,
+    config: Config,
+) -> io::Result<Outcome> {
     let mut server = Server::new(listeners, config)?;
     for c in connections {
         server.adopt(c);
@@ -228,8 +234,16 @@ impl Server {
             .map(|l| -> io::Result<ListenerState> {
                 let socket = socket2::SockRef::from(&l.fd);
                 socket.set_nonblocking(true)?;
-                let udp = if l.datagram { Some(UdpSocket::from(l.fd.try_clone()?)) } else { None };
-                Ok(ListenerState { l, udp, registered: false })
+                let udp = if l.datagram {
+                    Some(UdpSocket::from(l.fd.try_clone()?))
+                } else {
+                    None
+                };
+                Ok(ListenerState {
+                    l,
+                    udp,
+                    registered: false,
+                })
             })
             .collect::<io::Result<Vec<_>>>()?;
         Ok(Server {
@@ -257,7 +271,9 @@ impl Server {
     }
 
     fn start(&mut self) -> io::Result<()> {
-        self.poll.registry().register(&mut self.signals, SIGNAL_TOKEN, Interest::READABLE)?;
+        self.poll
+            .registry()
+            .register(&mut self.signals, SIGNAL_TOKEN, Interest::READABLE)?;
         for i in 0..self.listeners.len() {
             self.register_listener(i)?;
             let l = &self.listeners[i].l;
@@ -272,7 +288,9 @@ impl Server {
         let st = &mut self.listeners[i];
         if !st.registered {
             let fd = st.l.fd.as_raw_fd();
-            self.poll.registry().register(&mut SourceFd(&fd), Token(i), Interest::READABLE)?;
+            self.poll
+                .registry()
+                .register(&mut SourceFd(&fd), Token(i), Interest::READABLE)?;
             st.registered = true;
         }
         Ok(())
@@ -332,7 +350,10 @@ impl Server {
         let source = self.names.len();
         self.names.push(c.name);
         let io = match c.write {
-            Some(write) => Io::Split { read: c.read, write },
+            Some(write) => Io::Split {
+                read: c.read,
+                write,
+            },
             None => Io::Socket(c.read),
         };
         self.insert(io, source, c.protocol, c.peer);
@@ -354,11 +375,16 @@ impl Server {
         let interest = Interest::READABLE | Interest::WRITABLE;
         for fd in [io.read_fd(), io.write_fd()] {
             let raw = fd.as_raw_fd();
-            let res = self.poll.registry().register(&mut SourceFd(&raw), token, interest);
+            let res = self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&raw), token, interest);
             match res {
                 // Regular files cannot be polled but never block either; the same fd twice
                 // (stdin == stdout) is already registered.
-                Err(e) if e.raw_os_error() == Some(libc::EPERM) || e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EPERM)
+                        || e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => log::warn!("{peer}: poll registration: {e}"),
                 Ok(()) => {}
             }
@@ -382,7 +408,11 @@ impl Server {
             read_eof: false,
         });
         self.open += 1;
-        self.deadlines.push(Reverse((now + self.config.connection_timeout, idx, generation)));
+        self.deadlines.push(Reverse((
+            now + self.config.connection_timeout,
+            idx,
+            generation,
+        )));
         self.again_conns.push(idx);
     }
 
@@ -428,14 +458,20 @@ impl Server {
             reason
         );
         match reason {
-            CloseReason::Error(_) | CloseReason::TimedOut | CloseReason::ShutdownGraceOver => log::warn!("{line}"),
+            CloseReason::Error(_) | CloseReason::TimedOut | CloseReason::ShutdownGraceOver => {
+                log::warn!("{line}")
+            }
             CloseReason::Done => log::info!("{line}"),
         }
         drop(conn);
         self.free.push(idx);
         self.open -= 1;
         self.last_activity = Instant::now();
-        if self.paused && self.accepting && self.open < self.config.max_connections && self.backoff_until.is_none() {
+        if self.paused
+            && self.accepting
+            && self.open < self.config.max_connections
+            && self.backoff_until.is_none()
+        {
             self.set_paused(false);
         }
     }
@@ -450,7 +486,8 @@ impl Server {
             let timeout = if !self.again_conns.is_empty() || !self.again_listeners.is_empty() {
                 Some(Duration::ZERO)
             } else {
-                self.next_deadline().map(|d| d.saturating_duration_since(now))
+                self.next_deadline()
+                    .map(|d| d.saturating_duration_since(now))
             };
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -500,7 +537,12 @@ impl Server {
 
     fn idle_deadline(&self) -> Option<Instant> {
         match self.config.idle_timeout {
-            Some(t) if !t.is_zero() && self.accepting && self.open == 0 && !self.listeners.is_empty() => {
+            Some(t)
+                if !t.is_zero()
+                    && self.accepting
+                    && self.open == 0
+                    && !self.listeners.is_empty() =>
+            {
                 Some(self.last_activity + t)
             }
             _ => None,
@@ -526,7 +568,10 @@ impl Server {
                 break;
             }
             self.deadlines.pop();
-            let Some(conn) = self.conns[idx].as_ref().filter(|c| c.generation == generation) else {
+            let Some(conn) = self.conns[idx]
+                .as_ref()
+                .filter(|c| c.generation == generation)
+            else {
                 continue;
             };
             let due = conn.last_progress + self.config.connection_timeout;
@@ -547,7 +592,10 @@ impl Server {
         if let Some(t) = self.idle_deadline()
             && t <= now
         {
-            log::info!("idle for {:?}: stop listening and exit", self.config.idle_timeout.unwrap_or_default());
+            log::info!(
+                "idle for {:?}: stop listening and exit",
+                self.config.idle_timeout.unwrap_or_default()
+            );
             self.stop_listening();
             // `finished` sees no listener polled and nothing open: leave through Idle.
             self.draining_until = None;
@@ -556,8 +604,13 @@ impl Server {
         if let Some(t) = self.draining_until
             && t <= now
         {
-            let open: Vec<usize> = (0..self.conns.len()).filter(|&i| self.conns[i].is_some()).collect();
-            log::warn!("shutdown grace period over: closing {} connection(s)", open.len());
+            let open: Vec<usize> = (0..self.conns.len())
+                .filter(|&i| self.conns[i].is_some())
+                .collect();
+            log::warn!(
+                "shutdown grace period over: closing {} connection(s)",
+                open.len()
+            );
             for idx in open {
                 self.close(idx, CloseReason::ShutdownGraceOver);
             }
@@ -568,18 +621,30 @@ impl Server {
     fn on_signals(&mut self) -> bool {
         let mut leave = false;
         for signal in self.signals.pending() {
-            let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
+            let name = if signal == SIGTERM {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            };
             if self.draining_until.is_some() {
-                log::warn!("{name} again: exit now, closing {} connection(s)", self.open);
+                log::warn!(
+                    "{name} again: exit now, closing {} connection(s)",
+                    self.open
+                );
                 leave = true;
             } else {
-                log::info!("{name}: stop accepting, draining {} connection(s)", self.open);
+                log::info!(
+                    "{name}: stop accepting, draining {} connection(s)",
+                    self.open
+                );
                 self.stop_listening();
                 self.draining_until = Some(Instant::now() + self.config.shutdown_grace);
             }
         }
         if leave {
-            let open: Vec<usize> = (0..self.conns.len()).filter(|&i| self.conns[i].is_some()).collect();
+            let open: Vec<usize> = (0..self.conns.len())
+                .filter(|&i| self.conns[i].is_some())
+                .collect();
             for idx in open {
                 self.close(idx, CloseReason::ShutdownGraceOver);
             }
@@ -598,7 +663,10 @@ impl Server {
     fn accept(&mut self, i: usize) {
         for _ in 0..BUDGET * 4 {
             if self.open >= self.config.max_connections {
-                log::debug!("at --max-connections {}: new clients wait in the backlog", self.config.max_connections);
+                log::debug!(
+                    "at --max-connections {}: new clients wait in the backlog",
+                    self.config.max_connections
+                );
                 self.set_paused(true);
                 return;
             }
@@ -618,13 +686,24 @@ impl Server {
                     self.insert(Io::Socket(OwnedFd::from(stream)), i, protocol, peer);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
-                    log::warn!("{}: accept: {e}; pausing {:?}", self.listeners[i].l.name, ACCEPT_BACKOFF);
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    ) =>
+                {
+                    log::warn!(
+                        "{}: accept: {e}; pausing {:?}",
+                        self.listeners[i].l.name,
+                        ACCEPT_BACKOFF
+                    );
                     self.set_paused(true);
                     self.backoff_until = Some(Instant::now() + ACCEPT_BACKOFF);
                     return;
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
+                Err(e)
+                    if e.kind() == io::ErrorKind::Interrupted
+                        || e.raw_os_error() == Some(libc::ECONNABORTED) => {}
                 Err(e) => {
                     log::warn!("{}: accept: {e}", self.listeners[i].l.name);
                     return;
@@ -655,10 +734,14 @@ impl Server {
                 Protocol::Discard => Vec::new(),
                 Protocol::Chargen => {
                     let lines = protocols::CHARGEN_UDP_LINES;
-                    let mut block = vec![0; (lines * (protocols::CHARGEN_LINE as u64 + 2)) as usize];
+                    let mut block =
+                        vec![0; (lines * (protocols::CHARGEN_LINE as u64 + 2)) as usize];
                     // A different start line per datagram, like the RFC's rotating pattern.
                     self.replies += 1;
-                    protocols::chargen_fill((self.replies - 1) % 95 * (protocols::CHARGEN_LINE as u64 + 2), &mut block);
+                    protocols::chargen_fill(
+                        (self.replies - 1) % 95 * (protocols::CHARGEN_LINE as u64 + 2),
+                        &mut block,
+                    );
                     block
                 }
                 Protocol::Daytime => protocols::daytime_reply(SystemTime::now()).into_bytes(),
@@ -668,9 +751,16 @@ impl Server {
                     self.config.quotes.pick(self.replies - 1).to_vec()
                 }
             };
-            let sent = if reply.is_empty() { Ok(0) } else { udp.send_to(&reply, peer) };
+            let sent = if reply.is_empty() {
+                Ok(0)
+            } else {
+                udp.send_to(&reply, peer)
+            };
             match sent {
-                Ok(out) => log::debug!("{} ({protocol}): datagram from {peer} in={n} out={out}", st.l.name),
+                Ok(out) => log::debug!(
+                    "{} ({protocol}): datagram from {peer} in={n} out={out}",
+                    st.l.name
+                ),
                 Err(e) => log::debug!("{} ({protocol}): reply to {peer}: {e}", st.l.name),
             }
         }
@@ -678,7 +768,9 @@ impl Server {
     }
 
     fn drive_and_handle(&mut self, idx: usize) {
-        let Some(conn) = self.conns[idx].as_mut() else { return };
+        let Some(conn) = self.conns[idx].as_mut() else {
+            return;
+        };
         match drive(conn, &mut self.scratch) {
             Step::Wait => {}
             Step::Yield => self.again_conns.push(idx),
@@ -717,7 +809,7 @@ fn drive(conn: &mut Conn, scratch: &mut [u8]) -> Step {
             return Step::Close(CloseReason::Done);
         }
         // 2. Read what the client sent.
-        let read = match nix::unistd::read(conn.io.read_fd(), scratch) {
+        let read = match nix::unistd::read(conn.io.read_fd(), &mut scratch[..READ_CHUNK]) {
             Ok(0) => {
                 conn.read_eof = true;
                 continue;
@@ -740,7 +832,9 @@ fn drive(conn: &mut Conn, scratch: &mut [u8]) -> Step {
                             conn.pending = scratch[w..n].to_vec();
                         }
                     }
-                    Err(nix::Error::EAGAIN | nix::Error::EINTR) => conn.pending = scratch[..n].to_vec(),
+                    Err(nix::Error::EAGAIN | nix::Error::EINTR) => {
+                        conn.pending = scratch[..n].to_vec()
+                    }
                     Err(e) => return Step::Close(CloseReason::Error(io_err(e))),
                 }
             }
@@ -748,7 +842,7 @@ fn drive(conn: &mut Conn, scratch: &mut [u8]) -> Step {
             (Protocol::Discard, Some(_)) => {}
             (Protocol::Chargen, _) => {
                 // 3. chargen: generate only as much as the socket takes right now.
-                let chunk = &mut scratch[..16 * 1024];
+                let chunk = &mut scratch[..READ_CHUNK];
                 protocols::chargen_fill(conn.bytes_out, chunk);
                 match nix::unistd::write(conn.io.write_fd(), chunk) {
                     Ok(w) => {
@@ -764,7 +858,9 @@ fn drive(conn: &mut Conn, scratch: &mut [u8]) -> Step {
                     Err(e) => return Step::Close(CloseReason::Error(io_err(e))),
                 }
             }
-            (Protocol::Daytime | Protocol::Time | Protocol::Qotd, _) => unreachable!("one-shot handled above"),
+            (Protocol::Daytime | Protocol::Time | Protocol::Qotd, _) => {
+                unreachable!("one-shot handled above")
+            }
         }
     }
     Step::Yield
@@ -775,7 +871,10 @@ pub fn describe_local(fd: &OwnedFd) -> String {
     match socket2::SockRef::from(fd).local_addr() {
         Ok(a) => match a.as_socket() {
             Some(sa) => sa.to_string(),
-            None => a.as_pathname().map(|p| format!("unix:{}", p.display())).unwrap_or_else(|| "unix".to_owned()),
+            None => a
+                .as_pathname()
+                .map(|p| format!("unix:{}", p.display()))
+                .unwrap_or_else(|| "unix".to_owned()),
         },
         Err(_) => "?".to_owned(),
     }

@@ -16,7 +16,11 @@ fn daytime_ok(reply: &[u8]) {
     let text = String::from_utf8(reply.to_vec()).unwrap();
     let now = SystemTime::now();
     let ok = (-3i64..=1).any(|d| {
-        let t = if d < 0 { now - Duration::from_secs((-d) as u64) } else { now + Duration::from_secs(d as u64) };
+        let t = if d < 0 {
+            now - Duration::from_secs((-d) as u64)
+        } else {
+            now + Duration::from_secs(d as u64)
+        };
         protocols::daytime_reply(t) == text
     });
     assert!(ok, "daytime reply {text:?} is not now");
@@ -26,14 +30,21 @@ fn daytime_ok(reply: &[u8]) {
 fn time_ok(reply: &[u8]) {
     assert_eq!(reply.len(), 4, "time reply {reply:?}");
     let secs = u32::from_be_bytes(reply.try_into().unwrap()) as i64;
-    assert!((secs - now_1900()).abs() <= 2, "time {secs} vs clock {}", now_1900());
+    assert!(
+        (secs - now_1900()).abs() <= 2,
+        "time {secs} vs clock {}",
+        now_1900()
+    );
 }
 
 fn chargen_ok(reply: &[u8]) {
     let mut expect = vec![0; reply.len()];
     protocols::chargen_fill(0, &mut expect);
     assert_eq!(reply, &expect[..]);
-    assert_eq!(&reply[..74], b" !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefg\r\n");
+    assert_eq!(
+        &reply[..74],
+        b" !\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefg\r\n"
+    );
 }
 
 #[test]
@@ -56,29 +67,44 @@ fn every_protocol_over_tcp_with_named_fds() {
     daytime_ok(&request(addr(3), b""));
     time_ok(&request(addr(4), b""));
     let q = request(addr(5), b"");
-    assert!(q.len() < 512 && BUILTIN_QUOTES.iter().any(|b| b.as_bytes() == q), "{q:?}");
+    assert!(
+        q.len() < 512 && BUILTIN_QUOTES.iter().any(|b| b.as_bytes() == q),
+        "{q:?}"
+    );
 }
 
 #[test]
 fn every_protocol_over_udp() {
     let names = ["echo", "discard", "chargen", "daytime", "time", "qotd"];
-    let socks: Vec<_> = names.iter().map(|_| UdpSocket::bind("127.0.0.1:0").unwrap()).collect();
+    let socks: Vec<_> = names
+        .iter()
+        .map(|_| UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
     let mut launch = Launch::service().names(&names.join(":"));
     for s in &socks {
         launch = launch.fd(s);
     }
     let child = launch.spawn();
     let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-    client.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let ask = |i: usize, data: &[u8]| -> Vec<u8> {
         let deadline = Instant::now() + DEADLINE;
         let mut buf = [0u8; 2048];
         loop {
-            client.send_to(data, socks[i].local_addr().unwrap()).unwrap();
+            client
+                .send_to(data, socks[i].local_addr().unwrap())
+                .unwrap();
             if let Ok((n, _)) = client.recv_from(&mut buf) {
                 return buf[..n].to_vec();
             }
-            assert!(Instant::now() < deadline, "no reply from {}; stderr:\n{}", names[i], child.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "no reply from {}; stderr:\n{}",
+                names[i],
+                child.stderr()
+            );
         }
     };
     assert_eq!(ask(0, b"ping"), b"ping");
@@ -88,7 +114,9 @@ fn every_protocol_over_udp() {
     time_ok(&ask(4, b""));
     assert!(ask(5, b"").len() < 512);
     // discard answers nothing: the next echo still works and only the echo comes back.
-    client.send_to(b"x", socks[1].local_addr().unwrap()).unwrap();
+    client
+        .send_to(b"x", socks[1].local_addr().unwrap())
+        .unwrap();
     assert_eq!(ask(0, b"after"), b"after");
 }
 
@@ -98,17 +126,27 @@ fn pipe_at_fd3_is_rejected_with_fd_and_name() {
     let mut child = Launch::service().fd(&r).names("echo").spawn();
     child.assert_exit(3, DEADLINE);
     let err = child.wait_line("error:", DEADLINE);
-    assert!(err.contains("fd 3") && err.contains("\"echo\"") && err.contains("not a socket"), "{err}");
+    assert!(
+        err.contains("fd 3") && err.contains("\"echo\"") && err.contains("not a socket"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unix_datagram_and_unconnected_sockets_are_rejected() {
     let (d, _e) = UnixDatagram::pair().unwrap();
     let l = tcp_listener();
-    let mut child = Launch::service().fd(&l).fd(&d).names("echo:daytime").spawn();
+    let mut child = Launch::service()
+        .fd(&l)
+        .fd(&d)
+        .names("echo:daytime")
+        .spawn();
     child.assert_exit(3, DEADLINE);
     let err = child.wait_line("error:", DEADLINE);
-    assert!(err.contains("fd 4") && err.contains("\"daytime\"") && err.contains("unix datagram"), "{err}");
+    assert!(
+        err.contains("fd 4") && err.contains("\"daytime\"") && err.contains("unix datagram"),
+        "{err}"
+    );
 
     let fresh = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     let mut child = Launch::service().fd(&fresh).names("echo").spawn();
@@ -118,7 +156,12 @@ fn unix_datagram_and_unconnected_sockets_are_rejected() {
 
 #[test]
 fn closed_fd3_is_rejected() {
-    let mut child = Launch::service().pid(Pid::Own).listen_fds("1").close_fd3().names("echo").spawn();
+    let mut child = Launch::service()
+        .pid(Pid::Own)
+        .listen_fds("1")
+        .close_fd3()
+        .names("echo")
+        .spawn();
     child.assert_exit(3, DEADLINE);
     let err = child.wait_line("error:", DEADLINE);
     assert!(err.contains("fd 3") && err.contains("not open"), "{err}");
@@ -130,9 +173,16 @@ fn name_that_is_no_protocol_needs_protocol_flag() {
     let mut child = Launch::service().fd(&l).names("web").spawn();
     child.assert_exit(3, DEADLINE);
     let err = child.wait_line("error:", DEADLINE);
-    assert!(err.contains("fd 3") && err.contains("\"web\"") && err.contains("--protocol"), "{err}");
+    assert!(
+        err.contains("fd 3") && err.contains("\"web\"") && err.contains("--protocol"),
+        "{err}"
+    );
 
-    let _child = Launch::service().fd(&l).names("web").args(["--protocol", "echo"]).spawn();
+    let _child = Launch::service()
+        .fd(&l)
+        .names("web")
+        .args(["--protocol", "echo"])
+        .spawn();
     assert_eq!(request(l.local_addr().unwrap(), b"ok"), b"ok");
 }
 
@@ -147,9 +197,17 @@ fn bad_listen_fds_value_is_rejected() {
 fn listen_pid_of_another_process_is_ignored() {
     let l = tcp_listener();
     // Not for us and nothing else to serve: usage error.
-    let mut child = Launch::service().fd(&l).names("echo").pid(Pid::Value("1".into())).spawn();
+    let mut child = Launch::service()
+        .fd(&l)
+        .names("echo")
+        .pid(Pid::Value("1".into()))
+        .spawn();
     child.assert_exit(2, DEADLINE);
-    assert!(child.stderr().contains("nothing to serve"), "{}", child.stderr());
+    assert!(
+        child.stderr().contains("nothing to serve"),
+        "{}",
+        child.stderr()
+    );
     // With --listen it binds its own socket instead.
     let child = Launch::service()
         .fd(&l)
@@ -165,7 +223,11 @@ fn listen_pid_of_another_process_is_ignored() {
 #[test]
 fn missing_listen_pid_is_accepted() {
     let l = tcp_listener();
-    let _child = Launch::service().fd(&l).pid(Pid::Unset).names("time").spawn();
+    let _child = Launch::service()
+        .fd(&l)
+        .pid(Pid::Unset)
+        .names("time")
+        .spawn();
     time_ok(&request(l.local_addr().unwrap(), b""));
 }
 
@@ -174,7 +236,12 @@ fn binds_itself_from_flags_and_env() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("qotd.sock");
     let child = Launch::service()
-        .args(["--listen", "echo=tcp://127.0.0.1:0", "--listen", "daytime=udp://127.0.0.1:0"])
+        .args([
+            "--listen",
+            "echo=tcp://127.0.0.1:0",
+            "--listen",
+            "daytime=udp://127.0.0.1:0",
+        ])
         .args(["--listen", &format!("qotd=unix:{}", sock.display())])
         .spawn();
     assert_eq!(request(child.listening_addr("echo"), b"e"), b"e");
@@ -190,20 +257,33 @@ fn binds_itself_from_flags_and_env() {
     assert!(!read_to_eof(&mut u).is_empty());
     drop(child);
 
-    let child = Launch::service().env("SMALL_SERVICES_LISTEN", "time=127.0.0.1:0, echo=tcp://[::1]:0").spawn();
+    let child = Launch::service()
+        .env(
+            "SMALL_SERVICES_LISTEN",
+            "time=127.0.0.1:0, echo=tcp://[::1]:0",
+        )
+        .spawn();
     time_ok(&request(child.listening_addr("time"), b""));
     child.wait_line("listening: echo", DEADLINE);
 }
 
 #[test]
 fn bad_address_is_usage_error_and_busy_port_cannot_bind() {
-    let mut child = Launch::service().args(["--listen", "echo=localhost:7"]).spawn();
+    let mut child = Launch::service()
+        .args(["--listen", "echo=localhost:7"])
+        .spawn();
     child.assert_exit(2, DEADLINE);
     let busy = tcp_listener();
     let spec = format!("echo=tcp://{}", busy.local_addr().unwrap());
     let mut child = Launch::service().args(["--listen", &spec]).spawn();
     child.assert_exit(4, DEADLINE);
-    assert!(child.stderr().contains("cannot listen on echo=tcp://127.0.0.1"), "{}", child.stderr());
+    assert!(
+        child
+            .stderr()
+            .contains("cannot listen on echo=tcp://127.0.0.1"),
+        "{}",
+        child.stderr()
+    );
 }
 
 #[test]
@@ -211,7 +291,15 @@ fn help_documents_fd_protocol_and_exit_codes() {
     let out = Command::new(BIN).arg("--help").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for needle in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "--inetd", "Exit codes", "--idle-timeout", "3  inherited fds invalid"] {
+    for needle in [
+        "LISTEN_FDS",
+        "LISTEN_PID",
+        "LISTEN_FDNAMES",
+        "--inetd",
+        "Exit codes",
+        "--idle-timeout",
+        "3  inherited fds invalid",
+    ] {
         assert!(text.contains(needle), "--help lacks {needle:?}");
     }
 }
@@ -238,7 +326,11 @@ fn idle_exit_loses_no_client() {
     assert!(first.stderr().contains("idle"), "{}", first.stderr());
     // After the exit, before the next activation.
     burst.extend((0..20).map(|_| connect(addr)));
-    let mut second = Launch::service().fd(&l).names("daytime").args(["--idle-timeout", "700ms"]).spawn();
+    let mut second = Launch::service()
+        .fd(&l)
+        .names("daytime")
+        .args(["--idle-timeout", "700ms"])
+        .spawn();
     for s in &mut burst {
         daytime_ok(&read_to_eof(s));
     }
@@ -249,7 +341,11 @@ fn idle_exit_loses_no_client() {
 fn max_connections_makes_the_next_client_wait() {
     let l = tcp_listener();
     let addr = l.local_addr().unwrap();
-    let _child = Launch::service().fd(&l).names("echo").args(["--max-connections", "2"]).spawn();
+    let _child = Launch::service()
+        .fd(&l)
+        .names("echo")
+        .args(["--max-connections", "2"])
+        .spawn();
     let mut a = connect(addr);
     let mut b = connect(addr);
     for s in [&mut a, &mut b] {
@@ -259,10 +355,14 @@ fn max_connections_makes_the_next_client_wait() {
     }
     let mut c = connect(addr);
     c.write_all(b"waiting").unwrap();
-    c.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    c.set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
     let mut buf = [0; 7];
     let early = c.read(&mut buf);
-    assert!(early.is_err(), "third client was served while two were open: {early:?}");
+    assert!(
+        early.is_err(),
+        "third client was served while two were open: {early:?}"
+    );
     drop(a);
     c.set_read_timeout(Some(DEADLINE)).unwrap();
     c.read_exact(&mut buf).unwrap();
@@ -296,19 +396,31 @@ fn sigterm_drains_in_flight_connections() {
 #[test]
 fn shutdown_grace_ends_stuck_connections() {
     let l = tcp_listener();
-    let mut child = Launch::service().fd(&l).names("discard").args(["--shutdown-grace", "300ms"]).spawn();
+    let mut child = Launch::service()
+        .fd(&l)
+        .names("discard")
+        .args(["--shutdown-grace", "300ms"])
+        .spawn();
     let _held = connect(l.local_addr().unwrap());
     child.wait_line("accepted", DEADLINE);
     child.signal(libc::SIGINT);
     child.assert_exit(0, DEADLINE);
-    assert!(child.stderr().contains("grace period over"), "{}", child.stderr());
+    assert!(
+        child.stderr().contains("grace period over"),
+        "{}",
+        child.stderr()
+    );
 }
 
 #[test]
 fn silent_client_times_out_and_misbehaving_clients_do_not_disturb_others() {
     let l = tcp_listener();
     let addr = l.local_addr().unwrap();
-    let _child = Launch::service().fd(&l).names("echo").args(["--connection-timeout", "500ms"]).spawn();
+    let _child = Launch::service()
+        .fd(&l)
+        .names("echo")
+        .args(["--connection-timeout", "500ms"])
+        .spawn();
     // Silent: closed by the server.
     let mut silent = connect(addr);
     assert_eq!(read_to_eof(&mut silent), b"");
@@ -323,7 +435,9 @@ fn silent_client_times_out_and_misbehaving_clients_do_not_disturb_others() {
     // Reset in the middle of a reply.
     let mut rst = connect(addr);
     rst.write_all(&vec![b'b'; 256 * 1024]).unwrap();
-    socket2::SockRef::from(&rst).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&rst)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(rst);
     assert_eq!(request(addr, b"after reset"), b"after reset");
     let big = writer.join().unwrap();
@@ -341,21 +455,37 @@ fn chargen_only_generates_while_the_client_reads() {
     // Not reading: the server fills the socket buffers and then stops; its memory stays small.
     let rss = || {
         let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid())).unwrap();
-        status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .unwrap()
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
     };
     let before = rss();
     let deadline = Instant::now() + Duration::from_millis(500);
     while Instant::now() < deadline {
         std::thread::yield_now();
     }
-    assert!(rss() < before + 4096, "RSS grew from {before} kB to {} kB", rss());
+    assert!(
+        rss() < before + 4096,
+        "RSS grew from {before} kB to {} kB",
+        rss()
+    );
 }
 
 #[test]
 fn inetd_mode_on_a_socketpair_and_on_pipes() {
     let (ours, theirs) = UnixStream::pair().unwrap();
     let theirs2 = theirs.try_clone().unwrap();
-    let mut child = Launch::service().args(["--inetd", "echo"]).stdin(OwnedFd::from(theirs)).stdout(OwnedFd::from(theirs2)).spawn();
+    let mut child = Launch::service()
+        .args(["--inetd", "echo"])
+        .stdin(OwnedFd::from(theirs))
+        .stdout(OwnedFd::from(theirs2))
+        .spawn();
     let mut ours = ours;
     ours.set_read_timeout(Some(DEADLINE)).unwrap();
     ours.write_all(b"over a socketpair").unwrap();
@@ -370,7 +500,12 @@ fn inetd_mode_on_a_socketpair_and_on_pipes() {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"over pipes").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"over pipes")
+        .unwrap();
     let mut out = Vec::new();
     child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
     assert_eq!(out, b"over pipes");
@@ -378,7 +513,11 @@ fn inetd_mode_on_a_socketpair_and_on_pipes() {
 
     let (ours, theirs) = UnixStream::pair().unwrap();
     let theirs2 = theirs.try_clone().unwrap();
-    let mut child = Launch::service().args(["--inetd", "time"]).stdin(OwnedFd::from(theirs)).stdout(OwnedFd::from(theirs2)).spawn();
+    let mut child = Launch::service()
+        .args(["--inetd", "time"])
+        .stdin(OwnedFd::from(theirs))
+        .stdout(OwnedFd::from(theirs2))
+        .spawn();
     let mut ours = ours;
     ours.set_read_timeout(Some(DEADLINE)).unwrap();
     time_ok(&read_to_eof(&mut ours));
@@ -403,7 +542,11 @@ fn connected_socket_at_fd3_is_one_connection() {
     let l = tcp_listener();
     let mut client = connect(l.local_addr().unwrap());
     let (conn, _) = l.accept().unwrap();
-    let mut child = Launch::service().fd(&conn).names("connection").args(["--protocol", "echo"]).spawn();
+    let mut child = Launch::service()
+        .fd(&conn)
+        .names("connection")
+        .args(["--protocol", "echo"])
+        .spawn();
     drop(conn);
     client.write_all(b"accept=yes").unwrap();
     client.shutdown(Shutdown::Write).unwrap();
@@ -416,18 +559,35 @@ fn systemd_socket_activate_starts_it() {
     let ssa = tool("systemd-socket-activate");
     let l = tcp_listener();
     // systemd-socket-activate passes inherited LISTEN_FDS through to the command it execs.
-    let _child = Launch::program(&ssa).fd(&l).args(["--fdname=daytime", BIN]).spawn();
+    let _child = Launch::program(&ssa)
+        .fd(&l)
+        .args(["--fdname=daytime", BIN])
+        .spawn();
     daytime_ok(&request(l.local_addr().unwrap(), b""));
 
     // --accept: one process per connection, the connection at fd 3 (no LISTEN_FDNAMES in 252).
     let l = tcp_listener();
-    let _child = Launch::program(&ssa).fd(&l).group().args(["--accept", BIN, "--protocol", "echo"]).spawn();
-    assert_eq!(request(l.local_addr().unwrap(), b"per connection"), b"per connection");
+    let _child = Launch::program(&ssa)
+        .fd(&l)
+        .group()
+        .args(["--accept", BIN, "--protocol", "echo"])
+        .spawn();
+    assert_eq!(
+        request(l.local_addr().unwrap(), b"per connection"),
+        b"per connection"
+    );
 
     // --accept --inetd: the connection on stdin/stdout.
     let l = tcp_listener();
-    let _child = Launch::program(&ssa).fd(&l).group().args(["--accept", "--inetd", BIN, "--inetd", "echo"]).spawn();
-    assert_eq!(request(l.local_addr().unwrap(), b"inetd style"), b"inetd style");
+    let _child = Launch::program(&ssa)
+        .fd(&l)
+        .group()
+        .args(["--accept", "--inetd", BIN, "--inetd", "echo"])
+        .spawn();
+    assert_eq!(
+        request(l.local_addr().unwrap(), b"inetd style"),
+        b"inetd style"
+    );
 }
 
 #[test]
@@ -435,10 +595,23 @@ fn systemfd_starts_it() {
     let systemfd = tool("systemfd");
     let child = Launch::program(&systemfd)
         .group()
-        .args(["--no-pid", "-s", "tcp::127.0.0.1:0", "--", BIN, "--protocol", "echo", "--idle-timeout", "0"])
+        .args([
+            "--no-pid",
+            "-s",
+            "tcp::127.0.0.1:0",
+            "--",
+            BIN,
+            "--protocol",
+            "echo",
+            "--idle-timeout",
+            "0",
+        ])
         .spawn();
     let line = child.wait_line("listening: unknown (echo)", DEADLINE);
-    let addr = line.split_whitespace().find_map(|w| w.parse().ok()).expect("address in listening line");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("address in listening line");
     assert_eq!(request(addr, b"via systemfd"), b"via systemfd");
 }
 
@@ -449,16 +622,44 @@ fn rdate_and_nc_are_real_clients() {
     let tcp = tcp_listener();
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     let day = tcp_listener();
-    let _child = Launch::service().fd(&tcp).fd(&udp).fd(&day).names("time:time:daytime").spawn();
-    let year = protocols::daytime_reply(SystemTime::now()).split(", ").nth(2).unwrap()[..4].to_owned();
+    let _child = Launch::service()
+        .fd(&tcp)
+        .fd(&udp)
+        .fd(&day)
+        .names("time:time:daytime")
+        .spawn();
+    let year = protocols::daytime_reply(SystemTime::now())
+        .split(", ")
+        .nth(2)
+        .unwrap()[..4]
+        .to_owned();
     for extra in [&[][..], &["-u"][..]] {
-        let port = if extra.is_empty() { tcp.local_addr() } else { udp.local_addr() }.unwrap().port().to_string();
-        let out = Command::new(&rdate).args(["-p", "-o", &port]).args(extra).arg("127.0.0.1").output().unwrap();
+        let port = if extra.is_empty() {
+            tcp.local_addr()
+        } else {
+            udp.local_addr()
+        }
+        .unwrap()
+        .port()
+        .to_string();
+        let out = Command::new(&rdate)
+            .args(["-p", "-o", &port])
+            .args(extra)
+            .arg("127.0.0.1")
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && text.contains(&year), "rdate {extra:?}: {out:?}");
+        assert!(
+            out.status.success() && text.contains(&year),
+            "rdate {extra:?}: {out:?}"
+        );
     }
     let port = day.local_addr().unwrap().port().to_string();
-    let out = Command::new(&nc).args(["-N", "127.0.0.1", &port]).stdin(Stdio::null()).output().unwrap();
+    let out = Command::new(&nc)
+        .args(["-N", "127.0.0.1", &port])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     daytime_ok(&out.stdout);
 }
@@ -466,13 +667,22 @@ fn rdate_and_nc_are_real_clients() {
 #[test]
 fn ten_thousand_held_connections_are_cheap() {
     const N: usize = 10_000;
-    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let (_, hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
     // Client and service are separate processes: each needs N fds plus a few.
-    assert!(hard >= N as u64 + 200, "test needs RLIMIT_NOFILE hard >= {}, have {hard}", N + 200);
+    assert!(
+        hard >= N as u64 + 200,
+        "test needs RLIMIT_NOFILE hard >= {}, have {hard}",
+        N + 200
+    );
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
     let l = tcp_listener();
     let addr = l.local_addr().unwrap();
-    let child = Launch::service().fd(&l).names("echo").env("RUST_LOG", "warn").spawn();
+    let child = Launch::service()
+        .fd(&l)
+        .names("echo")
+        .env("RUST_LOG", "warn")
+        .spawn();
     let mut held = Vec::with_capacity(N);
     for _ in 0..N {
         held.push(TcpStream::connect(addr).expect("connect"));
@@ -484,8 +694,18 @@ fn ten_thousand_held_connections_are_cheap() {
     let mut b = [0; 1];
     last.read_exact(&mut b).unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.pid())).unwrap();
-    let rss_kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap();
-    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.pid())).unwrap().count();
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", child.pid()))
+        .unwrap()
+        .count();
     assert!(fds >= N, "only {fds} fds open in the service");
     assert!(rss_kb < 32 * 1024, "RSS {rss_kb} kB for {N} connections");
 }

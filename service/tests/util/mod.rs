@@ -66,7 +66,8 @@ impl Launch {
     }
 
     pub fn args<I: IntoIterator<Item = S>, S: AsRef<str>>(mut self, args: I) -> Self {
-        self.args.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
         self
     }
 
@@ -123,20 +124,32 @@ impl Launch {
         let mut cmd = match self.pid {
             Pid::Own => {
                 let mut c = Command::new("/bin/sh");
-                c.arg("-c").arg(r#"LISTEN_PID=$$ exec "$0" "$@""#).arg(&self.program);
+                c.arg("-c")
+                    .arg(r#"LISTEN_PID=$$ exec "$0" "$@""#)
+                    .arg(&self.program);
                 c
             }
             _ => Command::new(&self.program),
         };
         cmd.args(&self.args);
-        for var in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "LISTEN_PIDFDID", "LISTEN_FDS_FIRST_FD", "NOTIFY_SOCKET"] {
+        for var in [
+            "LISTEN_FDS",
+            "LISTEN_PID",
+            "LISTEN_FDNAMES",
+            "LISTEN_PIDFDID",
+            "LISTEN_FDS_FIRST_FD",
+            "NOTIFY_SOCKET",
+        ] {
             cmd.env_remove(var);
         }
         cmd.env("RUST_LOG", "debug");
         if let Pid::Value(v) = &self.pid {
             cmd.env("LISTEN_PID", v);
         }
-        let listen_fds = self.listen_fds.clone().or((!self.fds.is_empty()).then(|| self.fds.len().to_string()));
+        let listen_fds = self
+            .listen_fds
+            .clone()
+            .or((!self.fds.is_empty()).then(|| self.fds.len().to_string()));
         if let Some(n) = listen_fds {
             cmd.env("LISTEN_FDS", n);
         }
@@ -203,7 +216,12 @@ impl Child {
                 sink.1.notify_all();
             }
         });
-        Child { child, lines, group, status: None }
+        Child {
+            child,
+            lines,
+            group,
+            status: None,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -219,7 +237,11 @@ impl Child {
                 return l.clone();
             }
             let now = Instant::now();
-            assert!(now < deadline, "no stderr line containing {needle:?} within {timeout:?}; got:\n{}", lines.join("\n"));
+            assert!(
+                now < deadline,
+                "no stderr line containing {needle:?} within {timeout:?}; got:\n{}",
+                lines.join("\n")
+            );
             lines = self.lines.1.wait_timeout(lines, deadline - now).unwrap().0;
         }
     }
@@ -232,11 +254,15 @@ impl Child {
     /// The TCP/UDP address from the `listening:` line for `name`.
     pub fn listening_addr(&self, name: &str) -> SocketAddr {
         let line = self.wait_line(&format!("listening: {name} "), DEADLINE);
-        let addr = line
+        line
             .split_whitespace()
-            .find_map(|w| w.strip_prefix("tcp://").or_else(|| w.strip_prefix("udp://")).or(Some(w)).and_then(|w| w.parse().ok()))
-            .unwrap_or_else(|| panic!("no address in {line:?}"));
-        addr
+            .find_map(|w| {
+                w.strip_prefix("tcp://")
+                    .or_else(|| w.strip_prefix("udp://"))
+                    .or(Some(w))
+                    .and_then(|w| w.parse().ok())
+            })
+            .unwrap_or_else(|| panic!("no address in {line:?}"))
     }
 
     /// Waits for the exit, failing after `timeout`.
@@ -249,7 +275,11 @@ impl Child {
                 let _ = self.wait_line_quiet();
                 return s;
             }
-            assert!(Instant::now() < deadline, "child did not exit within {timeout:?}; stderr:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "child did not exit within {timeout:?}; stderr:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -259,7 +289,12 @@ impl Child {
         let deadline = Instant::now() + Duration::from_millis(500);
         let mut lines = self.lines.0.lock().unwrap();
         while Instant::now() < deadline {
-            lines = self.lines.1.wait_timeout(lines, Duration::from_millis(50)).unwrap().0;
+            lines = self
+                .lines
+                .1
+                .wait_timeout(lines, Duration::from_millis(50))
+                .unwrap()
+                .0;
         }
         None
     }
@@ -267,7 +302,12 @@ impl Child {
     /// Waits for the exit and asserts its code.
     pub fn assert_exit(&mut self, code: i32, timeout: Duration) {
         let s = self.wait_exit(timeout);
-        assert_eq!(s.code(), Some(code), "exit status {s:?}; stderr:\n{}", self.stderr());
+        assert_eq!(
+            s.code(),
+            Some(code),
+            "exit status {s:?}; stderr:\n{}",
+            self.stderr()
+        );
     }
 
     pub fn signal(&self, sig: libc::c_int) {
@@ -321,7 +361,11 @@ pub fn read_to_eof(s: &mut impl Read) -> Vec<u8> {
 
 /// Seconds since 1900 for now.
 pub fn now_1900() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 + 2_208_988_800
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + 2_208_988_800
 }
 
 /// A NOTIFY_SOCKET the test reads READY=1 / STOPPING=1 from.
@@ -349,7 +393,10 @@ impl Notify {
         let mut buf = [0u8; 4096];
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "no {what} on NOTIFY_SOCKET within {DEADLINE:?}");
+            assert!(
+                !left.is_zero(),
+                "no {what} on NOTIFY_SOCKET within {DEADLINE:?}"
+            );
             self.sock.set_read_timeout(Some(left)).unwrap();
             if let Ok(n) = self.sock.recv(&mut buf)
                 && String::from_utf8_lossy(&buf[..n]).contains(what)
@@ -362,7 +409,9 @@ impl Notify {
 
 /// Finds a tool on PATH or in ~/.cargo/bin; panics (the test fails, it does not skip) if absent.
 pub fn tool(name: &str) -> String {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
     dirs.extend(["/usr/sbin", "/sbin", "/usr/bin"].map(PathBuf::from));
     if let Some(home) = std::env::var_os("CARGO_HOME") {
         dirs.push(PathBuf::from(home).join("bin"));
@@ -373,7 +422,9 @@ pub fn tool(name: &str) -> String {
     dirs.iter()
         .map(|d| d.join(name))
         .find(|p| p.is_file())
-        .unwrap_or_else(|| panic!("{name} is not installed (needed by this test; see service/README.md)"))
+        .unwrap_or_else(|| {
+            panic!("{name} is not installed (needed by this test; see service/README.md)")
+        })
         .to_string_lossy()
         .into_owned()
 }
