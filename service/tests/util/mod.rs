@@ -254,8 +254,7 @@ impl Child {
     /// The TCP/UDP address from the `listening:` line for `name`.
     pub fn listening_addr(&self, name: &str) -> SocketAddr {
         let line = self.wait_line(&format!("listening: {name} "), DEADLINE);
-        line
-            .split_whitespace()
+        line.split_whitespace()
             .find_map(|w| {
                 w.strip_prefix("tcp://")
                     .or_else(|| w.strip_prefix("udp://"))
