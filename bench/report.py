@@ -77,6 +77,16 @@ def cpu_per_conn(row, test):
     return out
 
 
+def self_per_conn(row, test, key):
+    """rep -> the server process's own (without children) metric per successful connection."""
+    out = {}
+    for r in ok_data(row, test):
+        v, ok = r.get(key), r["data"].get("ok", 0)
+        if v is not None and ok:
+            out[r["rep"]] = v / ok
+    return out
+
+
 def client_busy(row, test):
     return med([(r.get("cpu_busy_pct") or [None])[0] for r in ok_data(row, test)])
 
@@ -154,7 +164,7 @@ P("- pinning: every server and everything it spawns on CPU 1 (`taskset -c 1`), t
 P("- versions: " + "; ".join(f"`{v}`" for v in machine.get("versions", [])))
 sz = machine.get("sizes", {})
 P(f"- sizes: nowait C=1 {sz.get('nowait_c1_n')} cycles, C=32 32×{sz.get('nowait_c32_per_client')}; wait/direct C=1 {sz.get('wait_c1_n')}, C=32 32×{sz.get('wait_c32_per_client')}; spawn-ceiling {sz.get('spawn_n')} spawns; idle window {sz.get('wake_s')} s; hold {sz.get('hold_k')} connections for {sz.get('hold_s')} s")
-P("- rerun: `bench/run` (full, `BENCH_REPS=3` by default, ~12 min), `bench/run --quick` (smoke, ~3 min), `bench/run --report` (regenerate this file from `bench/out/latest.jsonl`)")
+P("- rerun: `bench/run` (full, `BENCH_REPS=3` by default, ~7 min plus the build), `bench/run --quick` (smoke, ~1-2 min), `bench/run --report` (regenerate this file from `bench/out/latest.jsonl`)")
 P("")
 
 # ------------------------------------------------------------------ targets
@@ -282,6 +292,22 @@ for row, meth in (("spawn-ceiling-fork", "fork+exec"), ("spawn-ceiling-spawn", "
     steal = med([r_.get("steal_pct") for r_ in ok_data(row, "spawn")])
     errs = sum(int(r_["data"].get("errors", 0)) for r_ in ok_data(row, "spawn"))
     P(f"| {row} | none: socketpair + {meth}, no accept | bound | echo-static | {rng(v.values())} spawns/s | {fmt(p50, 2)} | {fmt(p99, 2)} | – | – | – | – | – | – | {fmt(r, 2, '×')} | – | – | – | {errs} | {fmt(steal, 1)} |")
+P("")
+
+P("### The launcher's own share during C=32 (the server process alone, without its children)")
+P("")
+P("In wait mode a launcher should be out of the path once it has handed over the listening socket: its own CPU and "
+  "context switches per connection should be ~0. In nowait mode this is the per-connection cost of accept + spawn + reap "
+  "in the launcher itself (the child's exec and echo are in the tree figure above).")
+P("")
+P("| row | launcher CPU µs/conn | launcher context switches/conn |")
+P("|---|--:|--:|")
+for row in NOWAIT + WAIT:
+    c = med(self_per_conn(row, "c32", "server_self_cpu_ms").values())
+    x = med(self_per_conn(row, "c32", "server_self_ctxsw").values())
+    if c is None and x is None:
+        continue
+    P(f"| {row} | {fmt(c * 1000 if c is not None else None, 1)} | {fmt(x, 3)} |")
 P("")
 
 # ------------------------------------------------------------------ first byte, idle
