@@ -196,6 +196,7 @@ impl<S: Source> Daemon<S> {
         for i in 0..daemon.services.len() {
             daemon.rearm(i);
         }
+        give_back_heap();
         Ok(daemon)
     }
 
@@ -740,6 +741,7 @@ impl<S: Source> Daemon<S> {
             }
         };
         self.apply(config);
+        give_back_heap();
         notify::ready(&format!("serving {} service(s)", self.services.len()));
     }
 
@@ -975,6 +977,14 @@ fn prepare_sockets(svc: &Svc) {
             );
         }
     }
+}
+
+/// Return the memory freed after parsing a configuration (the TOML document, raw values) to
+/// the system: glibc keeps freed heap pages otherwise, and an idle superserver should hold only
+/// what it uses.
+fn give_back_heap() {
+    // SAFETY: malloc_trim only releases free memory of the allocator.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// True when any of `fds` has something to read right now.
