@@ -457,11 +457,13 @@ impl Server {
             conn.started.elapsed(),
             reason
         );
+        // A client that resets or goes away is the client's business, not a server problem.
+        let client_side = matches!(&reason, CloseReason::Error(e)
+            if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe));
         match reason {
-            CloseReason::Error(_) | CloseReason::TimedOut | CloseReason::ShutdownGraceOver => {
-                log::warn!("{line}")
-            }
             CloseReason::Done => log::info!("{line}"),
+            _ if client_side => log::info!("{line}"),
+            _ => log::warn!("{line}"),
         }
         drop(conn);
         self.free.push(idx);

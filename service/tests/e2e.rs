@@ -682,11 +682,19 @@ fn ten_thousand_held_connections_are_cheap() {
         .fd(&l)
         .names("echo")
         .env("RUST_LOG", "warn")
+        .args(["--connection-timeout", "5m"])
         .spawn();
+    let t0 = Instant::now();
     let mut held = Vec::with_capacity(N);
     for _ in 0..N {
-        held.push(TcpStream::connect(addr).expect("connect"));
+        let s = TcpStream::connect(addr).expect("connect");
+        // Reset on drop: no TIME_WAIT left behind to crowd the ephemeral ports of later runs.
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        held.push(s);
     }
+    eprintln!("connected {N} in {:?}", t0.elapsed());
     // All accepted and alive: the last one echoes.
     let last = held.last_mut().unwrap();
     last.set_read_timeout(Some(DEADLINE)).unwrap();
@@ -708,4 +716,42 @@ fn ten_thousand_held_connections_are_cheap() {
         .count();
     assert!(fds >= N, "only {fds} fds open in the service");
     assert!(rss_kb < 32 * 1024, "RSS {rss_kb} kB for {N} connections");
+}
+
+#[test]
+fn unix_listener_passed_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let mut child = Launch::service()
+        .fd(&l)
+        .names("echo.socket")
+        .args(["--idle-timeout", "500ms"])
+        .spawn();
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s.write_all(b"over unix").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_to_eof(&mut s), b"over unix");
+    child.assert_exit(0, DEADLINE);
+    // A passed socket is never unlinked.
+    assert!(path.exists());
+}
+
+#[test]
+fn udp_idle_exit_after_the_last_datagram() {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut child = Launch::service()
+        .fd(&sock)
+        .names("echo")
+        .args(["--idle-timeout", "500ms"])
+        .spawn();
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client.send_to(b"one", sock.local_addr().unwrap()).unwrap();
+    let mut buf = [0; 16];
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"one");
+    child.assert_exit(0, DEADLINE);
+    assert!(child.stderr().contains("idle"), "{}", child.stderr());
 }

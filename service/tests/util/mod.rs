@@ -333,8 +333,15 @@ impl Drop for Child {
 }
 
 /// A listener on 127.0.0.1, port chosen by the kernel.
+/// Backlog SOMAXCONN like systemd's sockets (std's 128 overflows under a burst, and the
+/// kernel then drops SYNs that are retried only after a second).
 pub fn tcp_listener() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0").expect("bind")
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .expect("bind");
+    s.listen(libc::SOMAXCONN).expect("listen");
+    s.into()
 }
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
