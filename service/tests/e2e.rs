@@ -755,3 +755,38 @@ fn udp_idle_exit_after_the_last_datagram() {
     child.assert_exit(0, DEADLINE);
     assert!(child.stderr().contains("idle"), "{}", child.stderr());
 }
+
+#[test]
+fn listening_socket_on_stdin_needs_a_protocol() {
+    let l = tcp_listener();
+    let mut child = Launch::service().stdin(OwnedFd::from(l)).spawn();
+    child.assert_exit(3, DEADLINE);
+    let err = child.wait_line("error:", DEADLINE);
+    assert!(
+        err.contains("fd 0") && err.contains("stdin") && err.contains("--protocol"),
+        "{err}"
+    );
+}
+
+#[test]
+fn quote_file_is_used_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("quotes");
+    std::fs::write(&file, "Only this one.\n").unwrap();
+    let l = tcp_listener();
+    let _child = Launch::service()
+        .fd(&l)
+        .names("qotd")
+        .args(["--quote-file", file.to_str().unwrap()])
+        .spawn();
+    assert_eq!(request(l.local_addr().unwrap(), b""), b"Only this one.\r\n");
+
+    std::fs::write(&file, "x".repeat(600)).unwrap();
+    let mut child = Launch::service()
+        .fd(&l)
+        .names("qotd")
+        .args(["--quote-file", file.to_str().unwrap()])
+        .spawn();
+    child.assert_exit(2, DEADLINE);
+    assert!(child.stderr().contains("512"), "{}", child.stderr());
+}
