@@ -186,7 +186,7 @@ impl<S: Source> Daemon<S> {
         if !leftovers.is_empty() {
             let list: Vec<String> = leftovers
                 .iter()
-                .map(|b| describe_leftover(&b.addr, &wanted))
+                .map(|b| sockets::describe_unmatched(&b.addr, &wanted))
                 .collect();
             return Err(StartError(format!(
                 "inherited sockets that match no configured address: {}",
@@ -1036,19 +1036,6 @@ fn peer_env(peer: Option<SocketAddr>, local: Option<SocketAddr>) -> Vec<(&'stati
         env.push(("TCPLOCALPORT", local.port().to_string()));
     }
     env
-}
-
-fn describe_leftover(addr: &ListenAddr, wanted: &[Listen]) -> String {
-    let same_place = wanted.iter().find(|l| match (&l.addr, addr) {
-        (ListenAddr::Tcp(a), ListenAddr::Udp(b)) | (ListenAddr::Udp(a), ListenAddr::Tcp(b)) => {
-            a == b
-        }
-        _ => false,
-    });
-    match same_place {
-        Some(l) => format!("{addr} has the wrong type (the config says {})", l.addr),
-        None => format!("{addr}"),
-    }
 }
 
 fn list_names(names: &[String]) -> String {

@@ -232,12 +232,27 @@ impl Pool {
                 && wanted.iter().filter(|l| l.name == name).count() == 1;
             if !distinct {
                 return Err(format!(
-                    "inherited fd {number} ({name:?}) is bound to {} which no service listens on",
-                    bound.addr
+                    "inherited fd {number} ({name:?}) does not match a configured address: {}",
+                    describe_unmatched(&bound.addr, wanted)
                 ));
             }
             self.by_name.push((name, bound));
         }
         Ok(())
+    }
+}
+
+/// Why an inherited socket fits nothing: the wrong type for a configured address, or an
+/// address no service listens on.
+pub fn describe_unmatched(addr: &ListenAddr, wanted: &[Listen]) -> String {
+    let same_place = wanted.iter().find(|l| match (&l.addr, addr) {
+        (ListenAddr::Tcp(a), ListenAddr::Udp(b)) | (ListenAddr::Udp(a), ListenAddr::Tcp(b)) => {
+            a == b
+        }
+        _ => false,
+    });
+    match same_place {
+        Some(l) => format!("{addr} has the wrong type (the config says {})", l.addr),
+        None => format!("{addr}, which no service listens on"),
     }
 }

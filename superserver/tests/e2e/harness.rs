@@ -314,9 +314,15 @@ pub fn hand_over(cmd: &mut Command, fds: Vec<RawFd>) {
     unsafe {
         cmd.pre_exec(move || {
             let n = fds.len() as RawFd;
+            let mut moved = [0 as RawFd; 16];
             for (i, &fd) in fds.iter().enumerate() {
-                let t = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + n + i as RawFd);
-                if t < 0 || libc::dup2(t, 3 + i as RawFd) < 0 {
+                moved[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3 + n);
+                if moved[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &fd) in moved.iter().enumerate().take(fds.len()) {
+                if libc::dup2(fd, 3 + i as RawFd) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

@@ -130,7 +130,7 @@ fn idle_exit_rearms_and_the_next_connection_starts_a_new_process() {
     }
     assert_eq!(pids.len(), 4, "each activation is a new process");
     assert_eq!(server.count_log("back-off"), 0);
-    assert!(server.zombie_children().is_empty());
+    wait_until("no zombies", || server.zombie_children().is_empty());
     assert!(children_of(server.pid).is_empty(), "every child was reaped");
 }
 
@@ -186,7 +186,7 @@ fn a_crash_loop_backs_off_cheaply_and_recovers_when_the_program_is_fixed() {
     std::fs::rename(&tmp, &script).unwrap();
     assert_eq!(client.join().unwrap().unwrap(), "still there?");
     server.wait_log("recovered");
-    assert!(server.zombie_children().is_empty());
+    wait_until("no zombies", || server.zombie_children().is_empty());
 }
 
 #[test]
@@ -256,4 +256,83 @@ fn sockets_are_adopted_from_systemd_socket_activate() {
     std::io::Read::read_to_string(ssa.stderr.as_mut().unwrap(), &mut err).unwrap();
     assert_eq!(status.code(), Some(0), "log:\n{err}");
     assert!(err.contains("adopted inherited fd 3"), "log:\n{err}");
+}
+
+#[test]
+fn inherited_sockets_that_do_not_fit_the_config_are_an_error() {
+    // A UDP socket handed over where the config says TCP on the same address.
+    let (u, u_addr) = udp_socket("127.0.0.1");
+    let config = format!(
+        "[service.small]\nexec = [\"{{SMALL}}\"]\nlisten = {{ echo = \"tcp://{u_addr}\" }}\n"
+    );
+    let mut server = Server::start_with(&config, vec![u], &[]);
+    assert_eq!(server.wait_exit().code(), Some(4));
+    let line = server.wait_log("has the wrong type");
+    assert!(
+        line.contains(&format!("udp://{u_addr} has the wrong type")),
+        "{line}"
+    );
+
+    // A socket nobody asked for.
+    let (extra, extra_addr) = tcp_listener("127.0.0.1");
+    let (mine, mine_addr) = tcp_listener("127.0.0.1");
+    let config =
+        format!("[service.small]\nexec = [\"{{SMALL}}\"]\nlisten = {{ echo = \"{mine_addr}\" }}\n");
+    let mut server = Server::start_with(&config, vec![mine, extra], &[]);
+    assert_eq!(server.wait_exit().code(), Some(4));
+    server.wait_log(&format!("tcp://{extra_addr}"));
+}
+
+#[test]
+fn a_port_that_cannot_be_bound_fails_start_up_and_is_retried_at_reload() {
+    let (held, held_addr) = tcp_listener("127.0.0.81");
+    let config =
+        format!("[service.busy]\nexec = [\"{{SMALL}}\"]\nlisten = {{ echo = \"{held_addr}\" }}\n");
+    let mut server = Server::start_with(&config, vec![], &[]);
+    assert_eq!(
+        server.wait_exit().code(),
+        Some(4),
+        "cannot bind: exit code 4"
+    );
+    let line = server.wait_log("cannot listen on");
+    assert!(
+        line.contains("busy") && line.contains(&held_addr.to_string()),
+        "{line}"
+    );
+
+    // At reload, the same failure is logged and retried while the rest keeps serving.
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let base = format!(
+        "[service.ok]\nexec = [\"{{SMALL}}\", \"--idle-timeout=30s\"]\nlisten = {{ echo = \"{addr}\" }}\n"
+    );
+    let server = Server::start(&base, vec![l]);
+    server.reload(&format!(
+        "{base}[service.busy]\nexec = [\"{{SMALL}}\"]\nlisten = {{ echo = \"{held_addr}\" }}\n"
+    ));
+    server.wait_log("will retry");
+    assert_eq!(echo(addr, "others serve").unwrap(), "others serve");
+    drop(held);
+    server.wait_log(&format!("busy: listening on tcp://{held_addr}"));
+    assert_eq!(echo(held_addr, "bound at last").unwrap(), "bound at last");
+}
+
+#[test]
+fn a_rate_limit_applies_to_activations() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let config = r#"
+        [service.once]
+        exec = ["{PYTHON}", "{DIR}/reporter.py"]
+        env = { IDLE = "0.05" }
+        rate = "1/2s"
+        listen = "ADDR"
+        "#
+    .replace("ADDR", &addr.to_string());
+    let server = Server::start(&config, vec![l]);
+    json(&read_line(addr).unwrap().0);
+    server.wait_log("exited 0");
+    // The second activation waits for the next token instead of starting at once.
+    let r = json(&read_line(addr).unwrap().0);
+    assert!(r["pid"].as_i64().is_some());
+    server.wait_log("rate limit 1/2.0s reached");
+    assert_eq!(server.count_log("started pid"), 2);
 }
