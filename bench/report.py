@@ -153,8 +153,7 @@ def load1(s):
 busy = max(load1(machine.get("loadavg_start", "0")), load1(end.get("loadavg_end", "0")))
 if busy > 1.0 and not quick:
     P(f"> **Noisy run: taken while other work was running on this {machine.get('ncpu', '?')}-CPU machine** "
-      f"(1-minute load average {load1(machine.get('loadavg_start', '0')):.2f} at the start, {load1(end.get('loadavg_end', '0')):.2f} at the end; "
-      "the bench itself keeps at most about 2 runnable). Compare ratios only, and rerun `bench/run` on a quiet machine for the final figures.")
+      f"(1-minute load average {load1(machine.get('loadavg_start', '0')):.2f} at the start, {load1(end.get('loadavg_end', '0')):.2f} at the end). Compare ratios only, and rerun `bench/run` on a quiet machine for the final figures.")
     P("")
 if quick:
     P("> **SMOKE RUN (`bench/run --quick`: 1 repetition, few connections) on a busy shared machine "
