@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "loadgen", about = "Loopback-only load generator (one JSON line per run)")]
+#[command(
+    name = "loadgen",
+    about = "Loopback-only load generator (one JSON line per run)"
+)]
 struct Cli {
     #[command(subcommand)]
     mode: Mode,
@@ -97,7 +100,9 @@ enum Mode {
     },
 }
 
-const ERR_KINDS: [&str; 7] = ["refused", "reset", "timeout", "eof", "short", "mismatch", "other"];
+const ERR_KINDS: [&str; 7] = [
+    "refused", "reset", "timeout", "eof", "short", "mismatch", "other",
+];
 
 #[derive(Debug, Clone, Copy)]
 enum Fail {
@@ -153,12 +158,14 @@ fn json_str(s: &str) -> String {
 }
 
 fn parse_loopback(addr: &str) -> Result<SocketAddr, String> {
-    let sa: SocketAddr = addr
-        .parse()
-        .map_err(|_| format!("--addr {addr:?}: not a literal IP:port (names are never resolved)"))?;
+    let sa: SocketAddr = addr.parse().map_err(|_| {
+        format!("--addr {addr:?}: not a literal IP:port (names are never resolved)")
+    })?;
     let lo = match sa.ip() {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     };
     if !lo {
         return Err(format!("--addr {addr}: refusing a non-loopback target"));
@@ -196,7 +203,8 @@ impl Ctx {
     /// (at C=32 the client's CPU is often the bottleneck on loopback).
     fn connect(&self) -> Result<TcpStream, Fail> {
         let s = TcpStream::connect_timeout(&self.sa, self.cto).map_err(|e| Fail::from_io(&e))?;
-        s.set_read_timeout(Some(self.ito)).map_err(|e| Fail::from_io(&e))?;
+        s.set_read_timeout(Some(self.ito))
+            .map_err(|e| Fail::from_io(&e))?;
         Ok(s)
     }
 
@@ -218,7 +226,11 @@ impl Ctx {
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => {
                     let f = Fail::from_io(&e);
-                    return Err(if got > 0 && matches!(f, Fail::Timeout) { Fail::Short } else { f });
+                    return Err(if got > 0 && matches!(f, Fail::Timeout) {
+                        Fail::Short
+                    } else {
+                        f
+                    });
                 }
             }
         }
@@ -464,16 +476,32 @@ fn wait_port(c: &Common, timeout_ms: u64, interval_ms: u64) -> Result<(String, b
 fn main() {
     let cli = Cli::parse();
     let res = match &cli.mode {
-        Mode::ConnectEcho { common, concurrency, per_client, max_seconds } => {
-            connect_echo(common, *concurrency, *per_client, *max_seconds).map(|s| (s, true))
-        }
-        Mode::Hold { common, count, seconds, open_threads, ready_file } => {
-            hold(common, *count, *seconds, *open_threads, ready_file.as_deref()).map(|s| (s, true))
-        }
+        Mode::ConnectEcho {
+            common,
+            concurrency,
+            per_client,
+            max_seconds,
+        } => connect_echo(common, *concurrency, *per_client, *max_seconds).map(|s| (s, true)),
+        Mode::Hold {
+            common,
+            count,
+            seconds,
+            open_threads,
+            ready_file,
+        } => hold(
+            common,
+            *count,
+            *seconds,
+            *open_threads,
+            ready_file.as_deref(),
+        )
+        .map(|s| (s, true)),
         Mode::FirstByte { common, warm } => first_byte(common, *warm).map(|s| (s, true)),
-        Mode::WaitPort { common, timeout_ms, interval_ms } => {
-            wait_port(common, *timeout_ms, *interval_ms)
-        }
+        Mode::WaitPort {
+            common,
+            timeout_ms,
+            interval_ms,
+        } => wait_port(common, *timeout_ms, *interval_ms),
     };
     match res {
         Ok((line, ok)) => {
