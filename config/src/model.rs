@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -222,7 +223,7 @@ pub struct Service {
     pub env: BTreeMap<String, String>,
     /// Variables copied from the superserver's environment when set (`pass_env`,
     /// default `["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG"]`).
-    pub pass_env: Vec<String>,
+    pub pass_env: Arc<[String]>,
     /// `working_directory` (default `/`).
     pub working_directory: Option<PathBuf>,
     /// `umask`, e.g. 0o022 (default: inherited).

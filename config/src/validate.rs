@@ -18,6 +18,8 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use std::sync::Arc;
+
 use crate::LoadOptions;
 use crate::error::{ConfigError, ConfigErrors};
 use crate::model::*;
@@ -26,6 +28,14 @@ use crate::values::*;
 
 /// Variables a service gets when `pass_env` is not given.
 pub const DEFAULT_PASS_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG"];
+
+/// One shared copy of the default pass-list (a thousand services need not hold a thousand).
+fn default_pass_env() -> Arc<[String]> {
+    static DEFAULT: std::sync::OnceLock<Arc<[String]>> = std::sync::OnceLock::new();
+    DEFAULT
+        .get_or_init(|| DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect())
+        .clone()
+}
 
 /// Parse and validate `text`; `origin` names the file in every error.
 pub(crate) fn parse(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
@@ -444,8 +454,8 @@ impl Validator<'_> {
                 env.insert(name.into_inner(), value.into_inner());
             }
         }
-        let pass_env = match raw.pass_env {
-            None => DEFAULT_PASS_ENV.iter().map(|s| s.to_string()).collect(),
+        let pass_env: Arc<[String]> = match raw.pass_env {
+            None => default_pass_env(),
             Some(list) => {
                 let mut out = Vec::new();
                 for name in list {
@@ -454,7 +464,7 @@ impl Validator<'_> {
                         Err(m) => self.error(name.span(), s.key("pass_env"), m),
                     }
                 }
-                out
+                out.into()
             }
         };
 

@@ -167,7 +167,7 @@ fn minimal_fixture_gets_the_defaults() {
     assert_eq!(s.credentials, None);
     assert!(!s.allow_root);
     assert!(s.env.is_empty());
-    assert_eq!(s.pass_env, DEFAULT_PASS_ENV);
+    assert_eq!(*s.pass_env, *DEFAULT_PASS_ENV);
     assert_eq!(s.working_directory, None);
     assert_eq!(s.umask, None);
     assert_eq!(s.limits, Limits::default());
@@ -238,7 +238,7 @@ fn example_fixture_values() {
     assert_eq!(creds.groups[0], creds.gid);
     assert_eq!(creds.home, nobody.dir);
     assert_eq!(small.env.get("LANG").map(String::as_str), Some("C.UTF-8"));
-    assert_eq!(small.pass_env, ["PATH", "LANG"]);
+    assert_eq!(*small.pass_env, ["PATH", "LANG"]);
     assert_eq!(small.working_directory.as_deref(), Some(Path::new("/")));
     assert_eq!(small.umask, Some(0o022));
     assert_eq!(

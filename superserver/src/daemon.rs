@@ -984,7 +984,10 @@ fn prepare_sockets(svc: &Svc) {
 /// what it uses.
 fn give_back_heap() {
     // SAFETY: malloc_trim only releases free memory of the allocator.
-    unsafe { libc::malloc_trim(0) };
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0)
+    };
 }
 
 /// True when any of `fds` has something to read right now.

@@ -93,10 +93,11 @@ pub fn inherited_sockets() -> Result<Vec<(String, RawFd, OwnedFd)>, String> {
 pub fn cloexec_inherited_fds() {
     // SAFETY: close_range(2) with CLOSE_RANGE_CLOEXEC only sets a flag on open descriptors.
     unsafe {
-        libc::close_range(
-            3,
+        libc::syscall(
+            libc::SYS_close_range,
+            3 as libc::c_uint,
             libc::c_uint::MAX,
-            libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+            libc::CLOSE_RANGE_CLOEXEC,
         )
     };
 }

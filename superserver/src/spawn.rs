@@ -21,6 +21,7 @@ use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::rc::{Rc, Weak};
 
 use superserver_config::{Limits, Service};
 
@@ -42,15 +43,14 @@ pub enum Fds<'a> {
 /// computed once when the configuration is loaded (no work between accept and fork that could
 /// be done earlier).
 pub struct Template {
-    program: CString,
-    argv: Vec<CString>,
-    base_env: Vec<CString>,
+    program: Rc<[CString]>,
+    argv: Rc<[CString]>,
+    base_env: Rc<[CString]>,
     creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     limits: Limits,
     umask: Option<libc::mode_t>,
-    cwd: CString,
-    /// "superserver: NAME: cannot execute PROGRAM: errno " (written by a child whose exec failed).
-    exec_failed_msg: Vec<u8>,
+    /// `None` means `/`.
+    cwd: Option<CString>,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -61,18 +61,19 @@ impl Template {
     /// Prepare the parts of the child's process that come from the service definition.
     /// `pass_env` values are read from the superserver's environment now (at load or reload).
     pub fn new(svc: &Service) -> io::Result<Template> {
-        let program = cstring(svc.program.as_os_str().as_bytes())?;
-        let argv = svc
-            .argv
-            .iter()
-            .map(|a| cstring(a.as_bytes()))
-            .collect::<io::Result<Vec<_>>>()?;
+        let program = intern(vec![cstring(svc.program.as_os_str().as_bytes())?]);
+        let argv = intern(
+            svc.argv
+                .iter()
+                .map(|a| cstring(a.as_bytes()))
+                .collect::<io::Result<Vec<_>>>()?,
+        );
         let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut set = |k: &[u8], v: &[u8]| {
             env.retain(|(name, _)| name != k);
             env.push((k.to_vec(), v.to_vec()));
         };
-        for name in &svc.pass_env {
+        for name in svc.pass_env.iter() {
             if let Some(value) = std::env::var_os(name) {
                 set(name.as_bytes(), value.as_bytes());
             }
@@ -85,24 +86,19 @@ impl Template {
         for (k, v) in &svc.env {
             set(k.as_bytes(), v.as_bytes());
         }
-        let base_env = env
-            .into_iter()
-            .map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat()))
-            .collect::<io::Result<Vec<_>>>()?;
+        let base_env = intern(
+            env.into_iter()
+                .map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat()))
+                .collect::<io::Result<Vec<_>>>()?,
+        );
         let creds = svc
             .credentials
             .as_ref()
             .map(|c| (c.uid, c.gid, c.groups.clone()));
         let cwd = match &svc.working_directory {
-            Some(dir) => cstring(dir.as_os_str().as_bytes())?,
-            None => cstring(b"/")?,
+            Some(dir) => Some(cstring(dir.as_os_str().as_bytes())?),
+            None => None,
         };
-        let exec_failed_msg = format!(
-            "superserver: {}: cannot execute {}: errno ",
-            svc.name,
-            svc.program.display()
-        )
-        .into_bytes();
         Ok(Template {
             program,
             argv,
@@ -111,7 +107,6 @@ impl Template {
             limits: svc.limits,
             umask: svc.umask.map(|m| m as libc::mode_t),
             cwd,
-            exec_failed_msg,
         })
     }
 
@@ -261,7 +256,12 @@ impl Template {
                 Fds::Stdio(_) => 3,
                 Fds::Fd3(_) => 4,
             };
-            libc::close_range(first_free, libc::c_uint::MAX, 0);
+            libc::syscall(
+                libc::SYS_close_range,
+                first_free,
+                libc::c_uint::MAX,
+                0 as libc::c_uint,
+            );
             if !a.pid_slot.is_null() {
                 let slot = std::slice::from_raw_parts_mut(a.pid_slot, 21);
                 write_decimal(slot, libc::getpid() as u64);
@@ -287,7 +287,8 @@ impl Template {
             if let Some(mask) = self.umask {
                 libc::umask(mask);
             }
-            if libc::chdir(self.cwd.as_ptr()) != 0 {
+            let cwd = self.cwd.as_deref().unwrap_or(c"/");
+            if libc::chdir(cwd.as_ptr()) != 0 {
                 self.die();
             }
             // Privileges last, in the only safe order: groups, gid, uid.
@@ -298,7 +299,7 @@ impl Template {
             {
                 self.die();
             }
-            libc::execve(self.program.as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
+            libc::execve(self.program[0].as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
             self.die()
         }
     }
@@ -310,11 +311,11 @@ impl Template {
         let len = write_decimal(&mut digits, errno as u64);
         // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are valid.
         unsafe {
-            libc::write(
-                2,
-                self.exec_failed_msg.as_ptr().cast(),
-                self.exec_failed_msg.len(),
-            );
+            let program = self.program[0].as_bytes();
+            let parts: [&[u8]; 3] = [b"superserver: cannot execute ", program, b": errno "];
+            for part in parts {
+                libc::write(2, part.as_ptr().cast(), part.len());
+            }
             libc::write(2, digits.as_ptr().cast(), len);
             libc::write(2, b"\n".as_ptr().cast(), 1);
             libc::_exit(127)
@@ -335,8 +336,30 @@ struct ChildArgs<'a> {
 }
 
 thread_local! {
+    /// argv and environment lists already prepared for some service: services that share them
+    /// (a thousand services with the same pass-list, say) share one copy.
+    static INTERNED: std::cell::RefCell<Vec<Weak<[CString]>>> = const { std::cell::RefCell::new(Vec::new()) };
+
     /// The stack children run on between clone and execve (one is enough: the parent waits).
     static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 128 * 1024]);
+}
+
+/// One shared copy of each distinct list of C strings.
+fn intern(list: Vec<CString>) -> Rc<[CString]> {
+    INTERNED.with(|cell| {
+        let mut cache = cell.borrow_mut();
+        cache.retain(|w| w.strong_count() > 0);
+        if let Some(rc) = cache
+            .iter()
+            .filter_map(Weak::upgrade)
+            .find(|rc| **rc == *list)
+        {
+            return rc;
+        }
+        let rc: Rc<[CString]> = list.into();
+        cache.push(Rc::downgrade(&rc));
+        rc
+    })
 }
 
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
