@@ -166,7 +166,7 @@ P(f"- load average at start / end: {machine.get('loadavg_start', '?')} / {end.ge
 P(f"- environment of every server and child: `RUST_LOG={machine.get('rust_log', '?')}` (per-connection logging off, like the peers' configs here); `ulimit -n {machine.get('nofile', '?')}`")
 P("- pinning: every server and everything it spawns on CPU 1 (`taskset -c 1`), the load generator on CPU 0; loopback only (127.0.0.1)")
 if machine.get("workspace_build"):
-    P(f"- binaries: `cargo build --release --workspace` {machine.get('workspace_build')}; superserver built {machine.get('superserver_mtime', '?')}, small-services built {machine.get('small_services_mtime', '?')}")
+    P(f"- binaries: `cargo build --release --workspace` {machine.get('workspace_build')}; superserver measured: {machine.get('superserver_build', 'glibc')} build, built {machine.get('superserver_mtime', '?')}, small-services built {machine.get('small_services_mtime', '?')}")
 P("- versions: " + "; ".join(f"`{v}`" for v in machine.get("versions", [])))
 sz = machine.get("sizes", {})
 P(f"- sizes: nowait C=1 {sz.get('nowait_c1_n')} cycles, C=32 32×{sz.get('nowait_c32_per_client')}; wait/direct C=1 {sz.get('wait_c1_n')}, C=32 32×{sz.get('wait_c32_per_client')}; spawn-ceiling {sz.get('spawn_n')} spawns; idle window {sz.get('wake_s')} s; hold {sz.get('hold_k')} connections for {sz.get('hold_s')} s")
@@ -209,7 +209,14 @@ for t in ("c1", "c32"):
 
 
 def cold(row):
-    return per_rep(row, "first-byte", lambda d: d["cold_first_byte_ms"] if d["cold_ok"] else None)
+    """Every cold sample of the row (the first connection after each start), keyed by order."""
+    vals = []
+    for test in ("first-byte", "cold"):
+        for r in ok_data(row, test):
+            d = r["data"]
+            if d.get("cold_ok") and d.get("cold_first_byte_ms") is not None:
+                vals.append(d["cold_first_byte_ms"])
+    return dict(enumerate(vals))
 
 
 for mine, peers in (("superserver-nowait", ["xinetd-nowait", "oinetd-nowait", "tcpserver", "ssa-accept"]),
@@ -239,7 +246,7 @@ P(f"| idle VmRSS, 1000 services: {fmt(v1000)} KiB vs tcpserver (1 service) {fmt(
 for mine, test, what in (("superserver-nowait", "idle-wakeups", "before any connection"),
                          ("superserver-nowait", "idle-wakeups-after-load", "after the load, children gone"),
                          ("superserver-wait", "idle-wakeups", "before any connection"),
-                         ("superserver-wait", "idle-wakeups-after-load", "after the load, small-services still running"),
+                         ("superserver-wait", "idle-wakeups-after-load", "after the load, small-services exited idle"),
                          ("superserver-1000", "idle-wakeups", "after readiness")):
     w = per_rep(mine, test, lambda d: d["per_s"])
     v = med(w.values())
@@ -322,8 +329,8 @@ P("")
 # ------------------------------------------------------------------ first byte, idle
 P("## First byte, idle memory, idle wake-ups")
 P("")
-P("cold = the first connection after the server started (it was waited for by watching `ss -ltn` for LISTEN, "
-  "so no readiness probe warmed it); warm = median of the next 20 single connections. "
+P("cold = median over every start of the server (1 + 4 extra starts per repetition in a full run) of the first "
+  "connection after it started (waited for by watching `ss -ltn` for LISTEN, so no readiness probe warmed it); warm = median of the next 20 single connections. "
   "Idle VmRSS/Pss = the server process before any connection. Wake-ups = voluntary + involuntary context switches "
   "of all the server's threads (`/proc/PID/task/*/status`) over the idle window, before any connection.")
 P("")
