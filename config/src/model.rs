@@ -215,8 +215,9 @@ pub struct Service {
     pub rate: Option<Rate>,
     /// `allow` / `deny`.
     pub access: AccessRules,
-    /// `user` / `group`; `None` means run as the superserver's own user.
-    pub credentials: Option<Credentials>,
+    /// `user` / `group`; `None` means run as the superserver's own user. (Boxed: most
+    /// services have none, and a thousand services should not each carry the space.)
+    pub credentials: Option<Box<Credentials>>,
     /// `allow_root = true` lets a root superserver run this service as root.
     pub allow_root: bool,
     /// Variables set for the child (`env`).

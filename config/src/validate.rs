@@ -503,7 +503,7 @@ impl Validator<'_> {
             overflow,
             rate,
             access,
-            credentials: credentials?,
+            credentials: credentials?.map(Box::new),
             allow_root,
             env,
             pass_env,

@@ -47,9 +47,8 @@ pub trait Source {
 #[derive(Debug)]
 pub struct StartError(pub String);
 
-/// One socket of a service: what the config asks for and what we hold.
+/// One socket of a service, in the order of `def.listen` (which says what it is for).
 struct Slot {
-    listen: Listen,
     bound: Option<Bound>,
     token: Token,
 }
@@ -69,8 +68,9 @@ struct Svc {
     backoff_until: Option<Instant>,
     /// Nowait: running connection processes.
     running: u32,
-    sources: SourceCounts,
-    bucket: Option<TokenBucket>,
+    /// Only with `max_per_source` (boxed: most services have no limit and should not pay).
+    sources: Option<Box<SourceCounts>>,
+    bucket: Option<Box<TokenBucket>>,
     rate_until: Option<Instant>,
     pause_until: Option<Instant>,
     holding: bool,
@@ -159,8 +159,9 @@ impl<S: Source> Daemon<S> {
             signals,
             source,
             global: config.global.clone(),
-            services: Vec::new(),
-            tokens: HashMap::new(),
+            // Sized once: growing by doubling would leave the smaller copies behind as holes.
+            services: Vec::with_capacity(config.services.len()),
+            tokens: HashMap::with_capacity(wanted.len()),
             next_token: 1,
             next_id: 1,
             children: Children::default(),
@@ -171,7 +172,7 @@ impl<S: Source> Daemon<S> {
         for def in config.services {
             let mut svc = daemon.new_svc(def).map_err(StartError)?;
             for i in 0..svc.slots.len() {
-                let listen = svc.slots[i].listen.clone();
+                let listen = svc.def.listen[i].clone();
                 let bound = match pool.take(&listen) {
                     Some(b) => b,
                     None => sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
@@ -205,20 +206,18 @@ impl<S: Source> Daemon<S> {
             Template::new(&def).map_err(|e| format!("{}: cannot prepare exec: {e}", def.name))?;
         let id = self.next_id;
         self.next_id += 1;
-        let bucket = def.rate.map(|r| TokenBucket::new(r, Instant::now()));
+        let bucket = def
+            .rate
+            .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
         let slots = def
             .listen
             .iter()
             .enumerate()
-            .map(|(i, l)| {
+            .map(|(i, _)| {
                 let token = Token(self.next_token);
                 self.next_token += 1;
                 self.tokens.insert(token, (id, i));
-                Slot {
-                    listen: l.clone(),
-                    bound: None,
-                    token,
-                }
+                Slot { bound: None, token }
             })
             .collect();
         Ok(Svc {
@@ -231,7 +230,7 @@ impl<S: Source> Daemon<S> {
             failures: 0,
             backoff_until: None,
             running: 0,
-            sources: SourceCounts::default(),
+            sources: None,
             bucket,
             rate_until: None,
             pause_until: None,
@@ -314,11 +313,7 @@ impl<S: Source> Daemon<S> {
                 registry.deregister(&mut SourceFd(&fd))
             };
             if let Err(e) = result {
-                log::error!(
-                    "{}: cannot (de)register {}: {e}",
-                    svc.def.name,
-                    slot.listen.addr
-                );
+                log::error!("{}: cannot (de)register a socket: {e}", svc.def.name);
             }
         }
         svc.armed = want;
@@ -440,8 +435,9 @@ impl<S: Source> Daemon<S> {
         let names: Vec<&str> = svc
             .slots
             .iter()
-            .filter(|s| s.bound.is_some())
-            .map(|s| s.listen.name.as_str())
+            .zip(&svc.def.listen)
+            .filter(|(s, _)| s.bound.is_some())
+            .map(|(_, l)| l.name.as_str())
             .collect();
         let nfds = fds.len().to_string();
         let fdnames = names.join(":");
@@ -574,7 +570,8 @@ impl<S: Source> Daemon<S> {
         let source = match (svc.def.per_source, peer) {
             (Some(limit), Some(p)) => {
                 let key = limits::source_key(p.ip(), &limit);
-                if !svc.sources.try_add(key, limit.max) {
+                let sources = svc.sources.get_or_insert_with(Default::default);
+                if !sources.try_add(key, limit.max) {
                     log::warn!(
                         "{}: {peer_str} has {} connections (max_per_source); closed",
                         svc.def.name,
@@ -589,7 +586,7 @@ impl<S: Source> Daemon<S> {
         if let Some(bucket) = svc.bucket.as_mut() {
             bucket.try_take(Instant::now());
         }
-        let local = local_addr(&svc.slots[slot].listen.addr, &conn);
+        let local = local_addr(&svc.def.listen[slot].addr, &conn);
         let env_owned = peer_env(peer, local);
         let mut env: Vec<(&str, &OsStr)> =
             env_owned.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
@@ -623,7 +620,9 @@ impl<S: Source> Daemon<S> {
             Err(e) => {
                 log::error!("{}: cannot start for {peer_str}: {e}", svc.def.name);
                 if let Some(key) = source {
-                    svc.sources.remove(&key);
+                    if let Some(sources) = svc.sources.as_mut() {
+                        sources.remove(&key);
+                    }
                 }
             }
         }
@@ -653,7 +652,9 @@ impl<S: Source> Daemon<S> {
                 let svc = &mut self.services[i];
                 svc.running = svc.running.saturating_sub(1);
                 if let Some(key) = source {
-                    svc.sources.remove(key);
+                    if let Some(sources) = svc.sources.as_mut() {
+                        sources.remove(key);
+                    }
                 }
                 if svc.holding && !svc.at_capacity() {
                     svc.holding = false;
@@ -786,7 +787,9 @@ impl<S: Source> Daemon<S> {
                 || svc.def.unix_socket != def.unix_socket
                 || svc.def.mode != def.mode;
             if svc.def.rate != def.rate {
-                svc.bucket = def.rate.map(|r| TokenBucket::new(r, Instant::now()));
+                svc.bucket = def
+                    .rate
+                    .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
                 svc.rate_until = None;
             }
             if svc.def.mode != def.mode || svc.def.per_source != def.per_source {
@@ -805,15 +808,11 @@ impl<S: Source> Daemon<S> {
                     }
                 }
                 svc.def = def;
-                for (j, l) in svc.def.listen.iter().enumerate() {
+                for j in 0..svc.def.listen.len() {
                     let token = Token(self.next_token);
                     self.next_token += 1;
                     self.tokens.insert(token, (svc.id, j));
-                    svc.slots.push(Slot {
-                        listen: l.clone(),
-                        bound: None,
-                        token,
-                    });
+                    svc.slots.push(Slot { bound: None, token });
                 }
                 next.push((svc, true));
             } else {
@@ -871,22 +870,21 @@ impl<S: Source> Daemon<S> {
     /// the sockets it has.
     fn fill_slots(&mut self, svc: &mut Svc, pool: &mut Pool) {
         let mut failed = false;
-        for slot in svc.slots.iter_mut().filter(|s| s.bound.is_none()) {
-            slot.bound = match pool.take(&slot.listen) {
+        let empty = svc.slots.iter_mut().zip(&svc.def.listen);
+        for (slot, listen) in empty.filter(|(s, _)| s.bound.is_none()) {
+            slot.bound = match pool.take(listen) {
                 Some(b) => Some(b),
-                None => {
-                    match sockets::bind(&slot.listen.addr, svc.def.backlog, &svc.def.unix_socket) {
-                        Ok(b) => {
-                            log::info!("{}: listening on {}", svc.def.name, slot.listen.addr);
-                            Some(b)
-                        }
-                        Err(e) => {
-                            log::error!("{}: {e}; will retry", svc.def.name);
-                            failed = true;
-                            None
-                        }
+                None => match sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket) {
+                    Ok(b) => {
+                        log::info!("{}: listening on {}", svc.def.name, listen.addr);
+                        Some(b)
                     }
-                }
+                    Err(e) => {
+                        log::error!("{}: {e}; will retry", svc.def.name);
+                        failed = true;
+                        None
+                    }
+                },
             };
         }
         if failed {
@@ -966,14 +964,14 @@ impl<S: Source> Daemon<S> {
 /// here and must not block; wait-mode sockets are handed to services, which expect blocking
 /// sockets as systemd passes them (`O_NONBLOCK` is shared by every copy of the socket).
 fn prepare_sockets(svc: &Svc) {
-    for slot in &svc.slots {
+    for (slot, listen) in svc.slots.iter().zip(&svc.def.listen) {
         if let Some(b) = &slot.bound
             && let Err(e) = b.socket.set_nonblocking(svc.def.mode == Mode::Nowait)
         {
             log::warn!(
                 "{}: {}: cannot set O_NONBLOCK: {e}",
                 svc.def.name,
-                slot.listen.addr
+                listen.addr
             );
         }
     }

@@ -46,7 +46,7 @@ pub struct Template {
     program: Rc<[CString]>,
     argv: Rc<[CString]>,
     base_env: Rc<[CString]>,
-    creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
+    creds: Option<Box<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>>,
     limits: Limits,
     umask: Option<libc::mode_t>,
     /// `None` means `/`.
@@ -94,7 +94,7 @@ impl Template {
         let creds = svc
             .credentials
             .as_ref()
-            .map(|c| (c.uid, c.gid, c.groups.clone()));
+            .map(|c| Box::new((c.uid, c.gid, c.groups.clone())));
         let cwd = match &svc.working_directory {
             Some(dir) => Some(cstring(dir.as_os_str().as_bytes())?),
             None => None,
@@ -292,7 +292,7 @@ impl Template {
                 self.die();
             }
             // Privileges last, in the only safe order: groups, gid, uid.
-            if let Some((uid, gid, _)) = self.creds
+            if let Some(&(uid, gid, _)) = self.creds.as_deref()
                 && (libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
                     || libc::syscall(libc::SYS_setgid, gid) != 0
                     || libc::syscall(libc::SYS_setuid, uid) != 0)
