@@ -182,8 +182,26 @@ pub fn run(
 }
 
 fn protocol_for(number: i32, name: &str, fallback: Option<Protocol>) -> Result<Protocol, AppError> {
+    protocol_or_port(number, name, fallback, None)
+}
+
+/// The protocol of a socket: its name, else `--protocol`, else (for an IP socket) its port
+/// (see [`Protocol::from_port`]), else an error naming the fd.
+fn protocol_or_port(
+    number: i32,
+    name: &str,
+    fallback: Option<Protocol>,
+    port: Option<u16>,
+) -> Result<Protocol, AppError> {
     Protocol::from_fd_name(name)
         .or(fallback)
+        .or_else(|| {
+            let by_port = port.and_then(Protocol::from_port);
+            if let (Some(p), Some(port)) = (by_port, port) {
+                log::info!("fd {number} (name {name:?}): no protocol name; port {port} means {p}");
+            }
+            by_port
+        })
         .ok_or_else(|| AppError::NoProtocol {
             number,
             name: name.to_owned(),
@@ -197,7 +215,13 @@ fn from_inherited(
     let mut listeners = Vec::new();
     let mut connections = Vec::new();
     for s in inherited {
-        let protocol = protocol_for(s.number, &s.name, fallback)?;
+        let port = s.local_addr().and_then(|a| a.as_socket()).map(|a| a.port());
+        let port = if s.kind == SocketKind::ConnectedStream {
+            None
+        } else {
+            port
+        };
+        let protocol = protocol_or_port(s.number, &s.name, fallback, port)?;
         match s.kind {
             SocketKind::TcpListener | SocketKind::UnixListener | SocketKind::UdpSocket => {
                 let describe = format!(

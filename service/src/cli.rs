@@ -33,7 +33,9 @@ Where the sockets come from (first match wins):
                       missing or empty is accepted (systemfd --no-pid)
      LISTEN_FDNAMES=a:b:...  one name per fd; the name picks the protocol (echo, discard,
                       chargen, daytime, time, qotd, optionally with .socket); any other name
-                      (unknown, connection, ...) uses --protocol
+                      (unknown, connection, ...) uses --protocol, else the port of a listening
+                      IP socket: 7 echo, 9 discard, 13 daytime, 17 qotd, 19 chargen, 37 time,
+                      or those plus 7000 (so `systemfd -s tcp::7013` serves daytime)
      LISTEN_PIDFDID   checked when set (systemd 259+)
      Accepted: TCP and unix stream listeners, UDP sockets, and a connected stream socket
      (systemd Accept=yes, LISTEN_FDNAMES=connection): that one is served, then exit.

@@ -51,6 +51,22 @@ impl Protocol {
         Protocol::ALL.into_iter().find(|p| p.name() == base)
     }
 
+    /// The protocol a port number stands for: its RFC port (7 echo, 9 discard, 13 daytime,
+    /// 17 qotd, 19 chargen, 37 time) or the same plus 7000, the unprivileged ports this project
+    /// uses. Used only for sockets that carry no protocol name (systemfd names none).
+    pub fn from_port(port: u16) -> Option<Protocol> {
+        let rfc = if port > 7000 { port - 7000 } else { port };
+        Some(match rfc {
+            7 => Protocol::Echo,
+            9 => Protocol::Discard,
+            13 => Protocol::Daytime,
+            17 => Protocol::Qotd,
+            19 => Protocol::Chargen,
+            37 => Protocol::Time,
+            _ => return None,
+        })
+    }
+
     /// Whether a stream connection gets a fixed reply and is closed (daytime, time, qotd).
     pub fn is_one_shot(self) -> bool {
         matches!(self, Protocol::Daytime | Protocol::Time | Protocol::Qotd)

@@ -616,6 +616,30 @@ fn systemfd_starts_it() {
 }
 
 #[test]
+fn systemfd_without_names_serves_by_port() {
+    // The README's command: no fd name, no --protocol; port 7013 means daytime.
+    let systemfd = tool("systemfd");
+    let child = Launch::program(&systemfd)
+        .group()
+        .args([
+            "--no-pid",
+            "-s",
+            "tcp::127.0.0.113:7013",
+            "--",
+            BIN,
+            "--idle-timeout",
+            "0",
+        ])
+        .spawn();
+    child.wait_line("listening: unknown (daytime)", DEADLINE);
+    let reply = request("127.0.0.113:7013".parse().unwrap(), b"");
+    assert!(
+        reply.ends_with(b"\r\n") && reply.len() > 10,
+        "daytime: {reply:?}"
+    );
+}
+
+#[test]
 fn rdate_and_nc_are_real_clients() {
     let rdate = tool("rdate");
     let nc = tool("nc");
