@@ -150,8 +150,7 @@ impl Template {
         envp.push(std::ptr::null());
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|s| s.as_ptr()).collect();
         argv.push(std::ptr::null());
-        let mut groups = self.creds.as_ref().map(|c| c.2.clone()).unwrap_or_default();
-        groups.shrink_to_fit();
+        let groups: &[libc::gid_t] = self.creds.as_deref().map_or(&[], |c| &c.2[..]);
 
         let args = ChildArgs {
             template: self,
@@ -164,7 +163,7 @@ impl Template {
             },
             argv: &argv,
             envp: &envp,
-            groups: &groups,
+            groups,
         };
         STACK.with(|stack| {
             let mut stack = stack.borrow_mut();
@@ -266,22 +265,19 @@ impl Template {
                 let slot = std::slice::from_raw_parts_mut(a.pid_slot, 21);
                 write_decimal(slot, libc::getpid() as u64);
             }
-            if let Some(n) = self.limits.nofile {
-                let lim = libc::rlimit {
-                    rlim_cur: n,
-                    rlim_max: n,
-                };
-                if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                    self.die();
-                }
-            }
-            if let Some(n) = self.limits.nproc {
-                let lim = libc::rlimit {
-                    rlim_cur: n,
-                    rlim_max: n,
-                };
-                if libc::setrlimit(libc::RLIMIT_NPROC, &lim) != 0 {
-                    self.die();
+            let limits = [
+                (libc::RLIMIT_NOFILE, self.limits.nofile),
+                (libc::RLIMIT_NPROC, self.limits.nproc),
+            ];
+            for (resource, value) in limits {
+                if let Some(n) = value {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    if libc::setrlimit(resource, &lim) != 0 {
+                        self.die();
+                    }
                 }
             }
             if let Some(mask) = self.umask {
