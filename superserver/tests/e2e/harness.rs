@@ -299,7 +299,8 @@ fn expand(config: &str, dir: &Path) -> String {
     for line in config.lines() {
         text.push_str(line.trim_start());
         text.push('\n');
-        if line.trim_start().starts_with("[service.") && !config.contains("user =") {
+        let has_user = config.lines().any(|l| l.trim_start().starts_with("user ="));
+        if line.trim_start().starts_with("[service.") && !has_user {
             text.push_str("allow_root = true\n");
         }
     }

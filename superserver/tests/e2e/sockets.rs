@@ -56,7 +56,7 @@ fn unix_sockets_in_both_modes_with_mode_stale_file_and_cleanup() {
     drop(UnixListener::bind(&wait_path).unwrap());
     assert!(wait_path.exists());
     let config = format!(
-        "[service.w]\nexec = [\"{{SMALL}}\", \"--idle-timeout=5s\"]\nlisten = {{ echo = \"unix:{}\" }}\nsocket_mode = \"0660\"\n\
+        "[service.w]\nexec = [\"{{SMALL}}\", \"--idle-timeout=5s\"]\nlisten = {{ echo = \"unix:{}\" }}\nsocket_mode = \"0660\"\nsocket_user = \"nobody\"\n\
          [service.n]\nmode = \"nowait\"\nexec = [\"{{SMALL}}\", \"--inetd\", \"echo\"]\nlisten = \"unix:{}\"\n",
         wait_path.display(),
         nowait_path.display()
@@ -65,6 +65,12 @@ fn unix_sockets_in_both_modes_with_mode_stale_file_and_cleanup() {
     let meta = std::fs::metadata(&wait_path).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        nobody.uid.as_raw(),
+        "socket_user"
+    );
     assert_eq!(unix_echo(&wait_path, "wait over unix"), "wait over unix");
     assert_eq!(
         unix_echo(&nowait_path, "nowait over unix"),

@@ -215,6 +215,27 @@ fn sigterm_stops_listening_terminates_children_and_exits_0() {
 }
 
 #[test]
+fn a_child_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let config = r#"
+        [superserver]
+        shutdown_grace = "300ms"
+        [service.stubborn]
+        exec = ["/bin/sh", "-c", "trap '' TERM; echo started >&2; while :; do sleep 1; done"]
+        listen = "ADDR"
+        "#
+    .replace("ADDR", &addr.to_string());
+    let mut server = Server::start(&config, vec![l]);
+    let _client = std::net::TcpStream::connect(addr).unwrap();
+    server.wait_log("started pid");
+    server.wait_log_all(&["started"]);
+    server.signal(libc::SIGTERM);
+    assert_eq!(server.wait_exit().code(), Some(0));
+    server.wait_log("SIGKILL to 1 child(ren) still running");
+    server.wait_log_all(&["stubborn: pid", "killed by SIGKILL"]);
+}
+
+#[test]
 fn sockets_are_adopted_from_systemd_socket_activate() {
     let port = probe_port("127.0.0.9");
     let dir = tempfile::tempdir().unwrap();
