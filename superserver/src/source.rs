@@ -51,8 +51,8 @@ impl ConfigSource {
                 .any(|e| e.message.contains("small-services") && e.message.contains("not found"));
             if missing_small {
                 text.push_str(
-                    "\nhint: build both binaries with `cargo build --release` (plain `cargo run` \
-                     builds only the superserver), then run target/release/superserver",
+                    "\nhint: build both binaries with `cargo build --release` (`cargo run --bin \
+                     superserver` builds only the superserver), then run target/release/superserver",
                 );
             }
             text
