@@ -1,23 +1,28 @@
 //! The command line: --check, --help, exit codes, the embedded default.
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Output};
 
 use crate::harness::*;
 
-#[test]
-fn check_prints_the_plan_of_a_valid_file_and_exits_0() {
+/// `superserver --check` on a file holding `text`; the file's path is returned for messages.
+fn check(text: &str) -> (Output, PathBuf, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ok.toml");
-    std::fs::write(
-        &path,
-        "[service.echo]\nallow_root = true\nmode = \"nowait\"\nexec = [\"/bin/cat\"]\nlisten = \"127.0.0.1:7107\"\n",
-    )
-    .unwrap();
+    let path = dir.path().join("superserver.toml");
+    std::fs::write(&path, text).unwrap();
     let out = Command::new(superserver_bin())
         .arg("--check")
         .arg(&path)
         .output()
         .unwrap();
+    (out, path, dir)
+}
+
+#[test]
+fn check_prints_the_plan_of_a_valid_file_and_exits_0() {
+    let (out, _, _dir) = check(
+        "[service.echo]\nallow_root = true\nmode = \"nowait\"\nexec = [\"/bin/cat\"]\nlisten = \"127.0.0.1:7107\"\n",
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert!(
@@ -28,18 +33,9 @@ fn check_prints_the_plan_of_a_valid_file_and_exits_0() {
 
 #[test]
 fn check_reports_every_error_with_file_line_and_key_and_exits_3() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(
-        &path,
+    let (out, path, _dir) = check(
         "[service.a]\nallow_root = true\nexec = []\nlisten = \"127.0.0.1:7\"\n\n[service.b]\nallow_root = true\nexec = [\"/bin/cat\"]\nmode = \"nowait\"\nlisten = \"udp://127.0.0.1:9\"\n",
-    )
-    .unwrap();
-    let out = Command::new(superserver_bin())
-        .arg("--check")
-        .arg(&path)
-        .output()
-        .unwrap();
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
