@@ -320,16 +320,7 @@ impl<S: Source> Daemon<S> {
     }
 
     fn disarm(&mut self, i: usize) {
-        let svc = &mut self.services[i];
-        if !svc.armed {
-            return;
-        }
-        for slot in &svc.slots {
-            if let Some(bound) = &slot.bound {
-                let _ = self.poll.registry().deregister(&mut SourceFd(&bound.fd()));
-            }
-        }
-        svc.armed = false;
+        deregister(self.poll.registry(), &mut self.services[i]);
     }
 
     fn add_timer(&mut self, at: Instant, timer: Timer) {
@@ -797,10 +788,7 @@ impl<S: Source> Daemon<S> {
             }
             svc.template = template;
             if sockets_changed {
-                let i = self.services.len();
-                self.services.push(svc);
-                self.disarm(i);
-                let mut svc = self.services.pop().expect("just pushed");
+                deregister(self.poll.registry(), &mut svc);
                 for slot in svc.slots.drain(..) {
                     self.tokens.remove(&slot.token);
                     if let Some(b) = slot.bound {
@@ -824,11 +812,8 @@ impl<S: Source> Daemon<S> {
         // Removed services: close their sockets (unless a new service takes the address) and
         // ask their wait-mode process to drain.
         let removed: Vec<String> = old.iter().map(|s| s.def.name.clone()).collect();
-        for svc in old {
-            let i = self.services.len();
-            self.services.push(svc);
-            self.disarm(i);
-            let svc = self.services.pop().expect("just pushed");
+        for mut svc in old {
+            deregister(self.poll.registry(), &mut svc);
             if let Some(pid) = svc.wait_child {
                 log::info!("{}: removed; sending SIGTERM to pid {pid}", svc.def.name);
                 // SAFETY: kill(2) on a pid we started and have not reaped.
@@ -958,6 +943,17 @@ impl<S: Source> Daemon<S> {
             self.on_exit(exit);
         }
     }
+}
+
+/// Stop polling a service's listeners (clients then wait in the kernel backlog).
+fn deregister(registry: &mio::Registry, svc: &mut Svc) {
+    if !svc.armed {
+        return;
+    }
+    for bound in svc.slots.iter().filter_map(|s| s.bound.as_ref()) {
+        let _ = registry.deregister(&mut SourceFd(&bound.fd()));
+    }
+    svc.armed = false;
 }
 
 /// Set each socket's blocking mode for how it will be used: nowait listeners are accepted on
