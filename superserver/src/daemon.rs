@@ -402,7 +402,7 @@ impl<S: Source> Daemon<S> {
                 "{}: rate limit {}/{} reached; not listening for {}",
                 svc.def.name,
                 svc.def.rate.map(|r| r.count).unwrap_or(0),
-                humantime_short(svc.def.rate.map(|r| r.per).unwrap_or_default()),
+                children::human(svc.def.rate.map(|r| r.per).unwrap_or_default()),
                 children::human(at - now)
             );
             let id = svc.id;
@@ -1041,8 +1041,4 @@ fn list_names(names: &[String]) -> String {
     } else {
         format!(" ({})", names.join(", "))
     }
-}
-
-fn humantime_short(d: Duration) -> String {
-    children::human(d)
 }
