@@ -251,18 +251,21 @@ for mine, test, what in (("superserver-nowait", "idle-wakeups", "before any conn
     w = per_rep(mine, test, lambda d: d["per_s"])
     v = med(w.values())
     P(f"| idle wake-ups/s, {mine}, {what} | {fmt(v, 2, '/s') if v is not None else 'n/a'} | 0 | {verdict(v, 0.0, ge=False)} |")
-r, _ = paired_ratio(cpu_per_conn("superserver-wait", "c32"), cpu_per_conn("direct", "c32"))
-trow("(info) wait C=32 server CPU per connection: superserver tree ÷ small-services binding itself (lower is better)", r, "–", "info")
-r, _ = paired_ratio(cpu_per_conn("superserver-nowait", "c32"), cpu_per_conn("tcpserver", "c32"))
-trow("(info) nowait C=32 server CPU per connection: superserver tree ÷ tcpserver tree (lower is better)", r, "–", "info")
-r, _ = paired_ratio(cpu_per_conn("superserver-nowait", "c32"), cpu_per_conn("xinetd-nowait", "c32"))
-trow("(info) nowait C=32 server CPU per connection: superserver tree ÷ xinetd tree (lower is better)", r, "–", "info")
-r, _ = paired_ratio(cpu_per_conn("direct", "c32"), cpu_per_conn("epoll-echo", "c32"))
-trow("(report) C=32 server CPU per connection: small-services ÷ epoll-echo.c (lower is better)", r, "–", "info")
-r, _ = paired_ratio(cps("direct", "c32"), cps("epoll-echo", "c32"))
-trow("(report) C=32 conn/s: small-services (binding itself) ÷ epoll-echo.c", r, "–", "info")
-r, _ = paired_ratio(cps("direct", "c1"), cps("epoll-echo", "c1"))
-trow("(report) C=1 conn/s: small-services (binding itself) ÷ epoll-echo.c", r, "–", "info")
+# Informational ratios: (label, numerator, denominator).
+for label, num, den in (
+    ("(info) wait C=32 server CPU per connection: superserver tree ÷ small-services binding itself (lower is better)",
+     cpu_per_conn("superserver-wait", "c32"), cpu_per_conn("direct", "c32")),
+    ("(info) nowait C=32 server CPU per connection: superserver tree ÷ tcpserver tree (lower is better)",
+     cpu_per_conn("superserver-nowait", "c32"), cpu_per_conn("tcpserver", "c32")),
+    ("(info) nowait C=32 server CPU per connection: superserver tree ÷ xinetd tree (lower is better)",
+     cpu_per_conn("superserver-nowait", "c32"), cpu_per_conn("xinetd-nowait", "c32")),
+    ("(report) C=32 server CPU per connection: small-services ÷ epoll-echo.c (lower is better)",
+     cpu_per_conn("direct", "c32"), cpu_per_conn("epoll-echo", "c32")),
+    ("(report) C=32 conn/s: small-services (binding itself) ÷ epoll-echo.c", cps("direct", "c32"), cps("epoll-echo", "c32")),
+    ("(report) C=1 conn/s: small-services (binding itself) ÷ epoll-echo.c", cps("direct", "c1"), cps("epoll-echo", "c1")),
+):
+    r, _ = paired_ratio(num, den)
+    trow(label, r, "–", "info")
 P("")
 
 # ------------------------------------------------------------------ connect-echo
