@@ -85,15 +85,33 @@ impl Children {
         self.map.keys().copied().collect()
     }
 
-    /// Reap every child that has ended, without blocking. Children that are not ours (none
-    /// should exist) are reaped and dropped too: no zombies, ever.
-    pub fn reap(&mut self, blocking: bool) -> Vec<Exit> {
+    /// Reap every child that has ended, without blocking (or, with `blocking`, until none is
+    /// left). Children that are not ours (none should exist) are reaped and dropped too: no
+    /// zombies, ever. With `sweep`, each child's process group gets SIGKILL just before the
+    /// child is reaped: while the child is a zombie its pid, hence its group id, cannot have
+    /// been reused, so only what it left behind is hit.
+    pub fn reap(&mut self, blocking: bool, sweep: bool) -> Vec<Exit> {
         let mut out = Vec::new();
         loop {
+            let mut target = -1;
+            if sweep {
+                // SAFETY: waitid(2) with WNOWAIT only peeks at an exited child; kill(2) on
+                // the group of that still unreaped child.
+                unsafe {
+                    let mut info: libc::siginfo_t = std::mem::zeroed();
+                    let flags =
+                        libc::WEXITED | libc::WNOWAIT | if blocking { 0 } else { libc::WNOHANG };
+                    if libc::waitid(libc::P_ALL, 0, &mut info, flags) != 0 || info.si_pid() <= 0 {
+                        break;
+                    }
+                    target = info.si_pid();
+                    libc::kill(-target, libc::SIGKILL);
+                }
+            }
             let mut status = 0;
             let flags = if blocking { 0 } else { libc::WNOHANG };
             // SAFETY: waitpid with a valid pointer to a local int.
-            let pid = unsafe { libc::waitpid(-1, &mut status, flags) };
+            let pid = unsafe { libc::waitpid(target, &mut status, flags) };
             if pid <= 0 {
                 break; // 0: children still running; -1 ECHILD: none left.
             }

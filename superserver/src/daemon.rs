@@ -41,6 +41,8 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// Where the configuration comes from, so that SIGHUP can read it again.
 pub trait Source {
     fn load(&self) -> Result<Config, ConfigErrors>;
+    /// The file name used in messages.
+    fn origin(&self) -> String;
 }
 
 /// A fatal start-up problem: cannot bind, or inherited fds that do not fit the config.
@@ -72,10 +74,19 @@ struct Svc {
     sources: Option<Box<SourceCounts>>,
     bucket: Option<Box<TokenBucket>>,
     rate_until: Option<Instant>,
+    /// A stretch of time during which the rate limit kept suspending the service: when it
+    /// began, the last suspension, and how many there were (logged once at each end).
+    rate_episode: Option<Box<(Instant, Instant, u32)>>,
+    /// Per-connection refusals (allow/deny, max_per_source, overflow = "close"), logged at
+    /// most once a second with a count of the ones not logged.
+    refusals: limits::LogLimiter,
     pause_until: Option<Instant>,
     holding: bool,
     /// Sockets that could not be bound at reload, retried with back-off.
     bind_retry: Option<(Instant, Duration)>,
+    /// Wait mode: the running process was asked to exit because a reload changed its
+    /// sockets; its exit is not a failure.
+    restarting: bool,
 }
 
 impl Svc {
@@ -130,6 +141,7 @@ impl<S: Source> Daemon<S> {
     /// address, and a configured address with no inherited fd is bound here.
     pub fn start(
         config: Config,
+        templates: Vec<Template>,
         source: S,
         inherited: Vec<(String, RawFd, OwnedFd)>,
     ) -> Result<Daemon<S>, StartError> {
@@ -169,8 +181,8 @@ impl<S: Source> Daemon<S> {
             devnull,
             shutdown_deadline: None,
         };
-        for def in config.services {
-            let mut svc = daemon.new_svc(def).map_err(StartError)?;
+        for (def, template) in config.services.into_iter().zip(templates) {
+            let mut svc = daemon.new_svc(def, template);
             for i in 0..svc.slots.len() {
                 let listen = svc.def.listen[i].clone();
                 let bound = match pool.take(&listen) {
@@ -201,9 +213,7 @@ impl<S: Source> Daemon<S> {
         Ok(daemon)
     }
 
-    fn new_svc(&mut self, def: Service) -> Result<Svc, String> {
-        let template =
-            Template::new(&def).map_err(|e| format!("{}: cannot prepare exec: {e}", def.name))?;
+    fn new_svc(&mut self, def: Service, template: Template) -> Svc {
         let id = self.next_id;
         self.next_id += 1;
         let bucket = def
@@ -220,7 +230,7 @@ impl<S: Source> Daemon<S> {
                 Slot { bound: None, token }
             })
             .collect();
-        Ok(Svc {
+        Svc {
             id,
             def,
             template,
@@ -233,10 +243,13 @@ impl<S: Source> Daemon<S> {
             sources: None,
             bucket,
             rate_until: None,
+            rate_episode: None,
+            refusals: limits::LogLimiter::default(),
             pause_until: None,
             holding: false,
             bind_retry: None,
-        })
+            restarting: false,
+        }
     }
 
     /// What is listening, for the start-up log.
@@ -356,7 +369,23 @@ impl<S: Source> Daemon<S> {
         }
         if svc.rate_until.is_some_and(|t| t <= now) {
             svc.rate_until = None;
-            log::info!("{}: rate limit lifted, accepting again", svc.def.name);
+            // The episode ends once a whole period passes without a suspension.
+            if let Some(per) = svc.def.rate.map(|r| r.per) {
+                let id = svc.id;
+                self.timers.push(Reverse((now + per, Timer::Service(id))));
+            }
+        }
+        let svc = &mut self.services[i];
+        if let (Some(ep), None, Some(rate)) = (&svc.rate_episode, svc.rate_until, svc.def.rate)
+            && now.saturating_duration_since(ep.1) >= rate.per
+        {
+            log::info!(
+                "{}: rate limit no longer reached; it held new clients back {} time(s) over {}",
+                svc.def.name,
+                ep.2,
+                children::human(ep.1 - ep.0)
+            );
+            svc.rate_episode = None;
         }
         if svc.pause_until.is_some_and(|t| t <= now) {
             svc.pause_until = None;
@@ -398,13 +427,22 @@ impl<S: Source> Daemon<S> {
         if !ok {
             let at = bucket.next_token_at(now);
             svc.rate_until = Some(at);
-            log::warn!(
-                "{}: rate limit {}/{} reached; not listening for {}",
-                svc.def.name,
-                svc.def.rate.map(|r| r.count).unwrap_or(0),
-                children::human(svc.def.rate.map(|r| r.per).unwrap_or_default()),
-                children::human(at - now)
-            );
+            match svc.rate_episode.as_deref_mut() {
+                Some(ep) => {
+                    ep.1 = now;
+                    ep.2 += 1;
+                }
+                None => {
+                    log::warn!(
+                        "{}: rate limit {}/{} reached; new clients wait in the backlog (one \
+                         line when it ends)",
+                        svc.def.name,
+                        svc.def.rate.map(|r| r.count).unwrap_or(0),
+                        children::human(svc.def.rate.map(|r| r.per).unwrap_or_default()),
+                    );
+                    svc.rate_episode = Some(Box::new((now, now, 1)));
+                }
+            }
             let id = svc.id;
             self.add_timer(at, Timer::Service(id));
             self.rearm(i);
@@ -456,15 +494,16 @@ impl<S: Source> Daemon<S> {
                 self.rearm(i);
             }
             Err(e) => {
-                log::error!("{name}: cannot start: {e}");
-                self.failed_activation(i);
+                let what = svc.template.what();
+                let backoff = self.failed_activation(i);
+                log::error!("{name}: cannot start {what}: {e}; {backoff}");
             }
         }
     }
 
     /// Schedule the next attempt of a wait-mode service that did not take its connections:
     /// exponential back-off from `restart_backoff_min` to `restart_backoff_max`.
-    fn failed_activation(&mut self, i: usize) {
+    fn failed_activation(&mut self, i: usize) -> String {
         let (min, max) = (
             self.global.restart_backoff_min,
             self.global.restart_backoff_max,
@@ -475,15 +514,15 @@ impl<S: Source> Daemon<S> {
         let delay = min.saturating_mul(factor).min(max);
         let at = Instant::now() + delay;
         svc.backoff_until = Some(at);
-        log::warn!(
-            "{}: failed to take its sockets ({} in a row); back-off: next start in {}",
-            svc.def.name,
-            svc.failures,
-            children::human(delay)
+        let line = format!(
+            "back-off: next start in {} ({} failure(s) in a row)",
+            children::human(delay),
+            svc.failures
         );
         let id = svc.id;
         self.add_timer(at, Timer::Service(id));
         self.rearm(i);
+        line
     }
 
     /// Nowait: accept every pending connection the limits allow.
@@ -542,38 +581,42 @@ impl<S: Source> Daemon<S> {
     ) {
         let svc = &mut self.services[i];
         let peer_str = peer.map(|p| p.to_string()).unwrap_or_else(|| "unix".into());
-        if let Some(p) = peer
+        let refusal = if let Some(p) = peer
             && !svc.def.access.is_empty()
             && !svc.def.access.permits(p.ip())
         {
-            log::warn!("{}: {peer_str} denied by allow/deny; closed", svc.def.name);
-            return;
-        }
-        if svc.at_capacity() {
+            Some("denied by allow/deny".to_string())
+        } else if svc.at_capacity() {
             // Only reachable with overflow = "close".
-            log::warn!(
-                "{}: max_instances ({}) reached; {peer_str} closed",
-                svc.def.name,
-                svc.def.max_instances
-            );
-            return;
-        }
-        let source = match (svc.def.per_source, peer) {
+            Some(format!("max_instances ({}) reached", svc.def.max_instances))
+        } else {
+            None
+        };
+        let mut source = None;
+        let refusal = refusal.or_else(|| match (svc.def.per_source, peer) {
             (Some(limit), Some(p)) => {
                 let key = limits::source_key(p.ip(), &limit);
                 let sources = svc.sources.get_or_insert_with(Default::default);
-                if !sources.try_add(key, limit.max) {
-                    log::warn!(
-                        "{}: {peer_str} has {} connections (max_per_source); closed",
-                        svc.def.name,
-                        limit.max
-                    );
-                    return;
+                if sources.try_add(key, limit.max) {
+                    source = Some(key);
+                    None
+                } else {
+                    Some(format!("has {} connections (max_per_source)", limit.max))
                 }
-                Some(key)
             }
             _ => None,
-        };
+        });
+        if let Some(why) = refusal {
+            if let Some(more) = svc.refusals.allow(Instant::now()) {
+                let more = if more > 0 {
+                    format!(" (and {more} more refused since the last such line)")
+                } else {
+                    String::new()
+                };
+                log::warn!("{}: {peer_str} {why}; closed{more}", svc.def.name);
+            }
+            return;
+        }
         if let Some(bucket) = svc.bucket.as_mut() {
             bucket.try_take(Instant::now());
         }
@@ -609,7 +652,11 @@ impl<S: Source> Daemon<S> {
                 self.children.insert(pid, child);
             }
             Err(e) => {
-                log::error!("{}: cannot start for {peer_str}: {e}", svc.def.name);
+                log::error!(
+                    "{}: {peer_str}: cannot start {}: {e}; closed",
+                    svc.def.name,
+                    svc.template.what()
+                );
                 if let Some(key) = source {
                     if let Some(sources) = svc.sources.as_mut() {
                         sources.remove(&key);
@@ -623,7 +670,10 @@ impl<S: Source> Daemon<S> {
     // ---------------------------------------------------------------- reaping
 
     fn reap(&mut self) {
-        for exit in self.children.reap(false) {
+        // While stopping, what a service's process leaves behind in its process group (a
+        // background job of a shell script, say) is killed as that process is reaped.
+        let sweep = self.shutdown_deadline.is_some();
+        for exit in self.children.reap(false, sweep) {
             self.on_exit(exit);
         }
     }
@@ -668,40 +718,48 @@ impl<S: Source> Daemon<S> {
                 if svc.wait_child == Some(exit.pid) {
                     svc.wait_child = None;
                 }
+                let restarting = std::mem::take(&mut svc.restarting);
                 let fds: Vec<RawFd> = svc
                     .slots
                     .iter()
                     .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
                     .collect();
                 let pending = any_readable(&fds);
-                let failed = !exit.success() || (exit.runtime < QUICK_EXIT && pending);
-                let level = if exit.success() {
-                    log::Level::Info
-                } else {
-                    log::Level::Warn
-                };
-                log::log!(
-                    level,
-                    "{}: pid {} {} after {}{}",
+                let failed =
+                    !restarting && (!exit.success() || (exit.runtime < QUICK_EXIT && pending));
+                let head = format!(
+                    "{}: pid {} {} after {}",
                     svc.def.name,
                     exit.pid,
                     exit.describe(),
-                    children::human(exit.runtime),
-                    if pending {
-                        "; connections are waiting"
-                    } else {
-                        "; watching its sockets again"
-                    }
+                    children::human(exit.runtime)
                 );
                 if self.shutdown_deadline.is_some() {
+                    log::info!("{head}");
                     return;
                 }
                 if failed {
-                    self.failed_activation(i);
+                    let why = if exit.success() {
+                        "it left its connections waiting"
+                    } else {
+                        "it failed"
+                    };
+                    let backoff = self.failed_activation(i);
+                    log::warn!("{head}; {why}; {backoff}");
                 } else {
-                    if svc.failures > 0 {
-                        log::info!("{}: recovered; back-off reset", svc.def.name);
-                    }
+                    let recovered = if svc.failures > 0 {
+                        "; recovered, back-off reset"
+                    } else {
+                        ""
+                    };
+                    log::info!(
+                        "{head}{recovered}; {}",
+                        if pending {
+                            "connections are waiting: starting it again"
+                        } else {
+                            "watching its sockets again"
+                        }
+                    );
                     svc.failures = 0;
                     self.rearm(i);
                 }
@@ -732,47 +790,52 @@ impl<S: Source> Daemon<S> {
                 return;
             }
         };
-        self.apply(config);
+        let templates = match crate::spawn::prepare_all(&config.services) {
+            Ok(t) => t,
+            Err(errors) => {
+                let origin = self.source.origin();
+                for e in &errors {
+                    log::error!("reload: {origin}: {e}");
+                }
+                log::error!(
+                    "reload: {} error(s); keeping the running configuration",
+                    errors.len()
+                );
+                notify::ready("reload failed; running the previous configuration");
+                return;
+            }
+        };
+        self.apply(config, templates);
         give_back_heap();
         notify::ready(&format!("serving {} service(s)", self.services.len()));
     }
 
-    fn apply(&mut self, config: Config) {
+    fn apply(&mut self, config: Config, templates: Vec<Template>) {
         self.global = config.global;
-        let mut old: Vec<Svc> = std::mem::take(&mut self.services);
+        let mut old: HashMap<String, Svc> = std::mem::take(&mut self.services)
+            .into_iter()
+            .map(|s| (s.def.name.clone(), s))
+            .collect();
         let mut pool = Pool::default();
         let (mut kept, mut added, mut changed) = (Vec::new(), Vec::new(), Vec::new());
         let mut next: Vec<(Svc, bool)> = Vec::new(); // (service, needs sockets)
 
-        for def in config.services {
-            let Some(pos) = old.iter().position(|s| s.def.name == def.name) else {
-                match self.new_svc(def.clone()) {
-                    Ok(svc) => {
-                        added.push(def.name.clone());
-                        next.push((svc, true));
-                    }
-                    Err(e) => log::error!("reload: {e}"),
-                }
+        for (def, template) in config.services.into_iter().zip(templates) {
+            let Some(mut svc) = old.remove(&def.name) else {
+                added.push(def.name.clone());
+                let svc = self.new_svc(def, template);
+                next.push((svc, true));
                 continue;
             };
-            let mut svc = old.remove(pos);
+            // Every service gets the fresh template: `pass_env` values and the program's
+            // check are as of this reload.
+            svc.template = template;
             if svc.def == def {
                 kept.push(def.name.clone());
                 next.push((svc, false));
                 continue;
             }
             changed.push(def.name.clone());
-            let template = match Template::new(&def) {
-                Ok(t) => t,
-                Err(e) => {
-                    log::error!(
-                        "reload: {}: cannot prepare exec: {e}; keeping it as it was",
-                        def.name
-                    );
-                    next.push((svc, false));
-                    continue;
-                }
-            };
             let sockets_changed = svc.def.listen != def.listen
                 || svc.def.backlog != def.backlog
                 || svc.def.unix_socket != def.unix_socket
@@ -786,7 +849,6 @@ impl<S: Source> Daemon<S> {
             if svc.def.mode != def.mode || svc.def.per_source != def.per_source {
                 svc.holding = false;
             }
-            svc.template = template;
             if sockets_changed {
                 deregister(self.poll.registry(), &mut svc);
                 for slot in svc.slots.drain(..) {
@@ -794,6 +856,18 @@ impl<S: Source> Daemon<S> {
                     if let Some(b) = slot.bound {
                         pool.put(b);
                     }
+                }
+                // A running wait-mode process holds the old set of sockets: ask it to drain
+                // and exit; the next connection starts it with the new set. Connections
+                // queued on an address that stays wait in its kernel backlog meanwhile.
+                if let Some(pid) = svc.wait_child {
+                    log::info!(
+                        "{}: its sockets changed; SIGTERM to pid {pid} so that it restarts with \
+                         the new set",
+                        def.name
+                    );
+                    svc.restarting = true;
+                    signal_group(pid, libc::SIGTERM);
                 }
                 svc.def = def;
                 for j in 0..svc.def.listen.len() {
@@ -811,13 +885,13 @@ impl<S: Source> Daemon<S> {
 
         // Removed services: close their sockets (unless a new service takes the address) and
         // ask their wait-mode process to drain.
-        let removed: Vec<String> = old.iter().map(|s| s.def.name.clone()).collect();
-        for mut svc in old {
+        let mut removed: Vec<String> = old.keys().cloned().collect();
+        removed.sort();
+        for (_, mut svc) in old {
             deregister(self.poll.registry(), &mut svc);
             if let Some(pid) = svc.wait_child {
-                log::info!("{}: removed; sending SIGTERM to pid {pid}", svc.def.name);
-                // SAFETY: kill(2) on a pid we started and have not reaped.
-                unsafe { libc::kill(pid, libc::SIGTERM) };
+                log::info!("{}: removed; SIGTERM to pid {pid}", svc.def.name);
+                signal_group(pid, libc::SIGTERM);
             }
             for slot in svc.slots {
                 self.tokens.remove(&slot.token);
@@ -826,6 +900,14 @@ impl<S: Source> Daemon<S> {
                 }
             }
         }
+
+        // Close what no service wants any more *before* binding anything new: an address
+        // narrowed from 0.0.0.0:P to 127.0.0.1:P can only be bound once the wildcard is gone.
+        let wanted: std::collections::HashSet<&ListenAddr> = next
+            .iter()
+            .flat_map(|(svc, _)| svc.def.listen.iter().map(|l| &l.addr))
+            .collect();
+        drop(pool.remove_unwanted(|addr| wanted.contains(addr)));
 
         for (mut svc, needs) in next {
             if needs {
@@ -858,7 +940,13 @@ impl<S: Source> Daemon<S> {
         let empty = svc.slots.iter_mut().zip(&svc.def.listen);
         for (slot, listen) in empty.filter(|(s, _)| s.bound.is_none()) {
             slot.bound = match pool.take(listen) {
-                Some(b) => Some(b),
+                Some(b) => {
+                    // A kept socket gets this service's current backlog and file mode/owner.
+                    if let Err(e) = sockets::reapply(&b, svc.def.backlog, &svc.def.unix_socket) {
+                        log::error!("{}: {e}", svc.def.name);
+                    }
+                    Some(b)
+                }
                 None => match sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket) {
                     Ok(b) => {
                         log::info!("{}: listening on {}", svc.def.name, listen.addr);
@@ -923,8 +1011,7 @@ impl<S: Source> Daemon<S> {
             }
         }
         for pid in self.children.pids() {
-            // SAFETY: kill(2) on a pid we started and have not reaped.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            signal_group(pid, libc::SIGTERM);
         }
         self.add_timer(deadline, Timer::Shutdown);
     }
@@ -936,13 +1023,20 @@ impl<S: Source> Daemon<S> {
         }
         log::warn!("SIGKILL to {} child(ren) still running", pids.len());
         for pid in pids {
-            // SAFETY: kill(2) on a pid we started and have not reaped.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+            signal_group(pid, libc::SIGKILL);
         }
-        for exit in self.children.reap(true) {
+        for exit in self.children.reap(true, true) {
             self.on_exit(exit);
         }
     }
+}
+
+/// Send `sig` to a child's whole process group (every child leads its own session, so its
+/// pgid is its pid): what it started, a shell's background jobs included, gets it too.
+fn signal_group(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on the process group of a child we started and have not reaped (its
+    // pid, hence its pgid, cannot have been reused).
+    unsafe { libc::kill(-pid, sig) };
 }
 
 /// Stop polling a service's listeners (clients then wait in the kernel backlog).

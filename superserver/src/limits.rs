@@ -149,3 +149,47 @@ mod tests {
         assert!(c.try_add(b, 1));
     }
 }
+
+/// Logs a burst of like events as one line a second: the first is logged, the rest within
+/// the second are counted and the count goes with the next line logged. A flood of refused
+/// connections costs one log line a second, not one each.
+#[derive(Debug, Default)]
+pub struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u32,
+}
+
+impl LogLimiter {
+    /// `Some(n)` when this event is to be logged (`n` like events were not since the last
+    /// line); `None` when it is only counted.
+    pub fn allow(&mut self, now: Instant) -> Option<u32> {
+        match self.last {
+            Some(t) if now.saturating_duration_since(t) < std::time::Duration::from_secs(1) => {
+                self.suppressed = self.suppressed.saturating_add(1);
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod log_limiter_tests {
+    use super::LogLimiter;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn one_line_a_second_with_the_count_of_the_rest() {
+        let t0 = Instant::now();
+        let mut l = LogLimiter::default();
+        assert_eq!(l.allow(t0), Some(0));
+        for k in 1..=99 {
+            assert_eq!(l.allow(t0 + Duration::from_millis(k)), None);
+        }
+        assert_eq!(l.allow(t0 + Duration::from_millis(1000)), Some(99));
+        assert_eq!(l.allow(t0 + Duration::from_millis(1001)), None);
+    }
+}

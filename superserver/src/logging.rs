@@ -27,3 +27,8 @@ pub fn init() {
     }
     builder.init();
 }
+
+/// True when stderr is journald's stream (`JOURNAL_STREAM` names it).
+pub fn journald() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some()
+}

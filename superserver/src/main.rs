@@ -7,6 +7,7 @@ mod limits;
 mod logging;
 mod notify;
 mod plan;
+mod program;
 mod sockets;
 mod source;
 mod spawn;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::daemon::Daemon;
+use crate::daemon::{Daemon, Source};
 use crate::source::ConfigSource;
 
 /// Why the superserver stopped, mapped to the documented exit codes.
@@ -48,23 +49,28 @@ fn main() -> ExitCode {
 
 fn run(args: cli::Args) -> Result<(), Failure> {
     if args.print_default {
-        print!("{}", source::DEFAULT);
+        stdout(source::DEFAULT);
         return Ok(());
     }
     if let Some(check) = args.check {
         let path = check.or(args.config);
         let source = ConfigSource::new(path);
         let config = source.load_reported().map_err(Failure::Config)?;
-        println!("{}: valid; the plan:", source.origin());
-        print!("{}", plan::describe(&config));
+        spawn::prepare_all(&config.services).map_err(|e| templates_failed(&source, e))?;
+        stdout(&format!("{}: valid; the plan:\n", source.origin()));
+        stdout(&plan::describe(&config));
         return Ok(());
     }
     source::ensure_std_fds();
+    spawn::raise_nofile_limit();
     let source = ConfigSource::new(args.config);
     let config = source.load_reported().map_err(Failure::Config)?;
+    let templates =
+        spawn::prepare_all(&config.services).map_err(|e| templates_failed(&source, e))?;
     let inherited = source::inherited_sockets().map_err(Failure::Startup)?;
     let try_line = plan::try_line(&config);
-    let mut daemon = Daemon::start(config, source, inherited).map_err(|e| Failure::Startup(e.0))?;
+    let mut daemon =
+        Daemon::start(config, templates, source, inherited).map_err(|e| Failure::Startup(e.0))?;
     for line in daemon.describe() {
         log::info!("listening: {line}");
     }
@@ -76,4 +82,25 @@ fn run(args: cli::Args) -> Result<(), Failure> {
     daemon
         .run()
         .map_err(|e| Failure::Runtime(format!("event loop failed: {e}")))
+}
+
+/// Services whose program cannot run as their user: a configuration error, one line each.
+fn templates_failed(source: &ConfigSource, errors: Vec<String>) -> Failure {
+    let origin = source.origin();
+    let lines: Vec<String> = errors.iter().map(|e| format!("{origin}: {e}")).collect();
+    Failure::Config(lines.join("\n"))
+}
+
+/// Write to stdout; a reader that went away (`--check | head`) ends the output quietly
+/// instead of a panic.
+fn stdout(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        std::process::exit(0);
+    }
 }

@@ -2,10 +2,12 @@
 //! systemfd, and the pool that lets a reload keep every socket whose address did not change.
 
 use std::collections::HashMap;
+use std::ffi::CString;
 use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -17,9 +19,10 @@ pub struct Bound {
     pub addr: ListenAddr,
     /// The socket.
     pub socket: Socket,
-    /// A Unix socket file this process created and must remove when it closes the socket.
-    /// `None` for IP sockets and for inherited Unix sockets (whose file belongs to the launcher).
-    owned_path: Option<PathBuf>,
+    /// A Unix socket file this process created and must remove when it closes the socket,
+    /// with the device and inode it had: only that file is ever removed. `None` for IP
+    /// sockets and for inherited Unix sockets (whose file belongs to the launcher).
+    owned_path: Option<(PathBuf, (u64, u64))>,
 }
 
 impl Bound {
@@ -30,20 +33,24 @@ impl Bound {
 }
 
 impl Drop for Bound {
-    /// Closing a socket we bound to a path removes the file (only if it is still a socket).
+    /// Closing a socket we bound to a path removes the file, if it still is the file we
+    /// created (another process may have replaced it meanwhile).
     fn drop(&mut self) {
-        if let Some(path) = &self.owned_path
-            && is_socket_file(path)
+        if let Some((path, id)) = &self.owned_path
+            && file_id(path).ok() == Some(*id)
         {
             let _ = std::fs::remove_file(path);
         }
     }
 }
 
-fn is_socket_file(path: &Path) -> bool {
-    std::fs::symlink_metadata(path)
-        .map(|m| m.file_type().is_socket())
-        .unwrap_or(false)
+/// Device and inode of `path` itself (never following a symlink), for a socket file.
+fn file_id(path: &Path) -> io::Result<(u64, u64)> {
+    let m = std::fs::symlink_metadata(path)?;
+    if !m.file_type().is_socket() {
+        return Err(io::Error::other("not a socket"));
+    }
+    Ok((m.dev(), m.ino()))
 }
 
 /// A failure to bind one address.
@@ -59,9 +66,15 @@ impl fmt::Display for BindError {
     }
 }
 
-/// Bind and listen on `addr`: `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6 (so that IPv4 and IPv6
-/// are separate sockets), close-on-exec (socket2 creates sockets with `SOCK_CLOEXEC`).
-/// A stale Unix socket file is removed first, but only if it is a socket.
+/// Bind and listen on `addr`: close-on-exec (socket2 creates sockets with `SOCK_CLOEXEC`),
+/// `IPV6_V6ONLY` for IPv6 (so that IPv4 and IPv6 are separate sockets), `SO_REUSEADDR` on
+/// TCP (a restart must not wait for TIME_WAIT) but never on UDP, where it would let any local
+/// user bind the same port and take our datagrams.
+///
+/// A Unix socket file left by a dead process is replaced, but only if it is a socket and
+/// nobody accepts connections on it (a `connect` probe): a live one, another superserver's
+/// say, is an error. The mode and owner are applied to the socket we created and nothing
+/// else: see [`bind_unix`].
 pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result<Bound, BindError> {
     let fail = |source: io::Error| BindError {
         addr: addr.clone(),
@@ -76,7 +89,9 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
                 Type::DGRAM
             };
             let socket = Socket::new(Domain::for_address(*sa), ty, None).map_err(fail)?;
-            socket.set_reuse_address(true).map_err(fail)?;
+            if ty == Type::STREAM {
+                socket.set_reuse_address(true).map_err(fail)?;
+            }
             if sa.is_ipv6() {
                 socket.set_only_v6(true).map_err(fail)?;
             }
@@ -91,36 +106,313 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
             })
         }
         ListenAddr::Unix(path) => {
-            match std::fs::symlink_metadata(path) {
-                Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(fail)?,
-                Ok(_) => {
-                    return Err(fail(io::Error::new(
-                        io::ErrorKind::AlreadyExists,
-                        "the path exists and is not a socket; refusing to remove it",
-                    )));
-                }
-                Err(_) => {}
-            }
-            let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(fail)?;
-            socket
-                .bind(&SockAddr::unix(path).map_err(fail)?)
-                .map_err(fail)?;
+            let (socket, id) = bind_unix(path, unix).map_err(fail)?;
             let bound = Bound {
                 addr: addr.clone(),
                 socket,
-                owned_path: Some(path.clone()),
+                owned_path: Some((path.clone(), id)),
             };
-            if let Some(mode) = unix.mode {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-                    .map_err(fail)?;
-            }
-            if unix.uid.is_some() || unix.gid.is_some() {
-                std::os::unix::fs::lchown(path, unix.uid, unix.gid).map_err(fail)?;
-            }
             bound.socket.listen(backlog).map_err(fail)?;
             Ok(bound)
         }
     }
+}
+
+/// Bind a Unix stream socket at `path` with the configured mode and owner.
+///
+/// The directory may be writable by someone less privileged than us, who could rename a
+/// symlink over the fresh socket between `bind` and a `chmod(path)`, and have root change the
+/// mode of any file. So nothing is ever done to `path` by name after the bind: the socket is
+/// created in a private directory (mode 0700, ours, created next to `path` and used through
+/// its descriptor), given its mode (by the umask in force during `bind`) and owner there,
+/// and renamed into place. A rename replaces the directory entry and follows nothing.
+/// Returns the socket and the device and inode of its file.
+fn bind_unix(path: &Path, opts: &UnixSocketOptions) -> io::Result<(Socket, (u64, u64))> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if someone_listens(path) {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "another process accepts connections on this socket (a second \
+                     superserver?); stop it or choose another path",
+                ));
+            }
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; refusing to remove it",
+            ));
+        }
+        Err(_) => {}
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    if opts.mode.is_none() && opts.uid.is_none() && opts.gid.is_none() {
+        // Nothing to apply after the bind: bind in place, replacing a stale socket.
+        let _ = std::fs::remove_file(path);
+        socket.bind(&SockAddr::unix(path)?)?;
+        return Ok((socket, file_id(path)?));
+    }
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+    let parent_fd = open_dir(parent)?;
+    let private = PrivateDir::create(&parent_fd, parent)?;
+    // Bind through the private directory's descriptor, so that a rename of the directory by
+    // someone else cannot redirect the bind: the magic link names exactly our directory.
+    let inside = PathBuf::from(format!("/proc/self/fd/{}/s", private.fd.as_raw_fd()));
+    let mask = opts.mode.map(|m| !m & 0o777);
+    // SAFETY: umask(2) only changes this single-threaded process's file creation mask, and
+    // it is restored right after the bind.
+    let old_mask = mask.map(|m| unsafe { libc::umask(m as libc::mode_t) });
+    let bound = socket.bind(&SockAddr::unix(&inside)?);
+    if let Some(old) = old_mask {
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+    }
+    bound?;
+    let c_s = c"s";
+    if opts.uid.is_some() || opts.gid.is_some() {
+        // SAFETY: fchownat(2) on a name inside our private directory, never following.
+        let r = unsafe {
+            libc::fchownat(
+                private.fd.as_raw_fd(),
+                c_s.as_ptr(),
+                opts.uid.unwrap_or(u32::MAX),
+                opts.gid.unwrap_or(u32::MAX),
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let id = {
+        // SAFETY: fstatat(2) into a zeroed stat, not following a symlink.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        let r = unsafe {
+            libc::fstatat(
+                private.fd.as_raw_fd(),
+                c_s.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        (st.st_dev, st.st_ino)
+    };
+    let c_name = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
+    // SAFETY: renameat(2) between two directory descriptors we hold.
+    let r = unsafe {
+        libc::renameat(
+            private.fd.as_raw_fd(),
+            c_s.as_ptr(),
+            parent_fd.as_raw_fd(),
+            c_name.as_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((socket, id))
+}
+
+/// A directory of our own (mode 0700) inside another, removed when dropped.
+struct PrivateDir {
+    fd: OwnedFd,
+    parent: RawFd,
+    name: CString,
+}
+
+impl PrivateDir {
+    fn create(parent: &OwnedFd, parent_path: &Path) -> io::Result<PrivateDir> {
+        for attempt in 0..16u32 {
+            let name = CString::new(format!(
+                ".superserver-{}-{}",
+                std::process::id(),
+                nonce(attempt)
+            ))
+            .expect("no NUL");
+            // SAFETY: mkdirat(2) with a directory fd we hold and a C string.
+            if unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o700) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    continue;
+                }
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create a private directory in {}: {e}",
+                        parent_path.display()
+                    ),
+                ));
+            }
+            // SAFETY: openat(2); O_NOFOLLOW refuses a symlink swapped in after mkdirat.
+            let fd = unsafe {
+                libc::openat(
+                    parent.as_raw_fd(),
+                    name.as_ptr(),
+                    libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_RDONLY,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: a descriptor we just opened and nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let dir = PrivateDir {
+                fd,
+                parent: parent.as_raw_fd(),
+                name,
+            };
+            // Someone may have replaced our directory between mkdirat and openat: it must be
+            // ours and private.
+            let m = std::fs::File::from(dir.fd.try_clone()?).metadata()?;
+            if m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o7777 != 0o700 {
+                return Err(io::Error::new(
+                    io::ErrorKind::PermissionDenied,
+                    format!(
+                        "the private directory made in {} was replaced; refusing to bind",
+                        parent_path.display()
+                    ),
+                ));
+            }
+            return Ok(dir);
+        }
+        Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "cannot find a free name for a private directory",
+        ))
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        // SAFETY: unlinkat(2) of what may be left inside our directory, then of the
+        // directory itself by name (it is empty, or the removal fails harmlessly).
+        unsafe {
+            libc::unlinkat(self.fd.as_raw_fd(), c"s".as_ptr(), 0);
+            libc::unlinkat(self.parent, self.name.as_ptr(), libc::AT_REMOVEDIR);
+        }
+    }
+}
+
+/// A name that another process cannot guess in advance.
+fn nonce(attempt: u32) -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    t ^ (u64::from(attempt) << 48) ^ (std::ptr::addr_of!(attempt) as u64)
+}
+
+fn open_dir(path: &Path) -> io::Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte in path"))?;
+    // SAFETY: open(2) with a C string; the descriptor is owned by the returned value.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_DIRECTORY | libc::O_CLOEXEC | libc::O_RDONLY,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display())));
+    }
+    // SAFETY: a descriptor we just opened and nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Does a process accept connections on the Unix socket at `path`? A non-blocking connect
+/// answers at once: refused means nobody does (a stale file); accepted, or a full backlog,
+/// means somebody does.
+fn someone_listens(path: &Path) -> bool {
+    let Ok(probe) = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None) else {
+        return false;
+    };
+    let Ok(addr) = SockAddr::unix(path) else {
+        return false;
+    };
+    match probe.connect(&addr) {
+        Ok(()) => true,
+        Err(e) => matches!(
+            e.raw_os_error(),
+            Some(libc::EAGAIN) | Some(libc::EINPROGRESS)
+        ),
+    }
+}
+
+/// Apply a service's current `backlog` and Unix socket mode/owner to a socket it keeps
+/// across a reload. The file is reached by a descriptor opened without following a symlink
+/// and checked to be the socket we bound (device and inode).
+pub fn reapply(bound: &Bound, backlog: u32, unix: &UnixSocketOptions) -> Result<(), BindError> {
+    let fail = |source: io::Error| BindError {
+        addr: bound.addr.clone(),
+        source,
+    };
+    if bound.addr.is_stream() {
+        // listen(2) on a listening socket only changes its backlog.
+        bound
+            .socket
+            .listen(backlog.min(i32::MAX as u32) as i32)
+            .map_err(fail)?;
+    }
+    let Some((path, id)) = &bound.owned_path else {
+        return Ok(());
+    };
+    if unix.mode.is_none() && unix.uid.is_none() && unix.gid.is_none() {
+        return Ok(());
+    }
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| fail(io::Error::new(io::ErrorKind::InvalidInput, "NUL byte")))?;
+    // SAFETY: open(2) with O_PATH|O_NOFOLLOW: a symlink is opened as itself, never followed.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(fail(io::Error::last_os_error()));
+    }
+    // SAFETY: a descriptor we just opened and nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: fstat(2) into a zeroed stat on an open descriptor.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(fail(io::Error::last_os_error()));
+    }
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK || (st.st_dev, st.st_ino) != *id {
+        return Err(fail(io::Error::other(
+            "the file is no longer the socket we bound; not changing it",
+        )));
+    }
+    if let Some(mode) = unix.mode {
+        // chmod through the descriptor's magic link reaches exactly that inode.
+        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        std::fs::set_permissions(&link, std::fs::Permissions::from_mode(mode)).map_err(fail)?;
+    }
+    if unix.uid.is_some() || unix.gid.is_some() {
+        // SAFETY: fchownat(2) with AT_EMPTY_PATH acts on the O_PATH descriptor itself.
+        let r = unsafe {
+            libc::fchownat(
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                unix.uid.unwrap_or(u32::MAX),
+                unix.gid.unwrap_or(u32::MAX),
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if r != 0 {
+            return Err(fail(io::Error::last_os_error()));
+        }
+    }
+    Ok(())
 }
 
 /// The address an inherited socket is bound to, read with `getsockname` and `SO_TYPE`.
@@ -179,6 +471,12 @@ impl Pool {
         );
         b.addr = listen.addr.clone();
         Some(b)
+    }
+
+    /// Take out the sockets whose address `keep` says no, to close them.
+    pub fn remove_unwanted(&mut self, keep: impl Fn(&ListenAddr) -> bool) -> Vec<Bound> {
+        let gone: Vec<ListenAddr> = self.sockets.keys().filter(|a| !keep(a)).cloned().collect();
+        gone.iter().filter_map(|a| self.sockets.remove(a)).collect()
     }
 
     /// What is left over (sockets nobody took), emptying the pool.

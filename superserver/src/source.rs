@@ -32,14 +32,6 @@ impl ConfigSource {
         }
     }
 
-    /// The file name used in messages.
-    pub fn origin(&self) -> String {
-        match &self.path {
-            Some(p) => p.display().to_string(),
-            None => DEFAULT_ORIGIN.to_string(),
-        }
-    }
-
     /// Load, and on failure render every error (one per line) plus a hint for the one mistake
     /// every newcomer makes: running the superserver before `small-services` was built.
     pub fn load_reported(&self) -> Result<Config, String> {
@@ -61,6 +53,13 @@ impl ConfigSource {
 }
 
 impl Source for ConfigSource {
+    fn origin(&self) -> String {
+        match &self.path {
+            Some(p) => p.display().to_string(),
+            None => DEFAULT_ORIGIN.to_string(),
+        }
+    }
+
     fn load(&self) -> Result<Config, ConfigErrors> {
         match &self.path {
             Some(p) => superserver_config::load(p, &self.options),

@@ -7,7 +7,8 @@
 //! and `execve` by hand: the parent builds argv and envp as C strings, including a
 //! `LISTEN_PID=` buffer with room for the digits; the child writes its own pid into that buffer
 //! (no allocation), moves the fds into place and execs. Nothing in the child allocates, locks
-//! or logs; a failure is reported with `write(2)` and `_exit(127)`.
+//! or logs; a failed step is recorded in memory the parent reads once the child has exited
+//! (`_exit(127)`), and the parent logs it with the service's name.
 //!
 //! The child is started the way glibc's `posix_spawn` does it: `clone(CLONE_VM | CLONE_VFORK)`
 //! on a small separate stack. The child shares the parent's memory until it execs (no page
@@ -18,15 +19,19 @@
 //! parent's threads through shared memory).
 
 use std::ffi::{CString, OsStr};
+use std::fmt;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::rc::{Rc, Weak};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use superserver_config::{Limits, Service};
 
+use crate::program::{Exec, Identity, Program};
+
 /// The most sockets one wait-mode service can be handed (the child moves them with a fixed,
-/// allocation-free table).
+/// allocation-free table); the configuration refuses more.
 const MAX_FDS: usize = 256;
 
 /// What a spawned child gets as file descriptors.
@@ -39,13 +44,87 @@ pub enum Fds<'a> {
     Fd3(RawFd),
 }
 
+/// The step of the child's set-up that failed, reported to the parent through the memory it
+/// shares with the child until `execve` (no pipe needed: the parent sleeps until the child
+/// has exec'd or exited, so the value is final when `clone` returns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Step {
+    Fds = 1,
+    RlimitNofile,
+    RlimitNproc,
+    Chdir,
+    Setgroups,
+    Setgid,
+    Setuid,
+    Exec,
+}
+
+impl Step {
+    fn from_u8(v: u8) -> Option<Step> {
+        use Step::*;
+        [
+            Fds,
+            RlimitNofile,
+            RlimitNproc,
+            Chdir,
+            Setgroups,
+            Setgid,
+            Setuid,
+            Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u8 == v)
+    }
+}
+
+/// Why a child could not be started.
+#[derive(Debug)]
+pub struct SpawnError(String);
+
+impl fmt::Display for SpawnError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The superserver's own `RLIMIT_NOFILE` soft limit as it started, restored in every child
+/// (the superserver raises its own to the hard limit: it holds every socket of a large
+/// table, while programs that use `select(2)` break above 1024).
+static NOFILE_SOFT: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Raise this process's descriptor soft limit to its hard limit, remembering the original
+/// for the children. Call once at start-up.
+pub fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        NOFILE_SOFT.store(lim.rlim_cur, Ordering::Relaxed);
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            libc::setrlimit(libc::RLIMIT_NOFILE, &raised);
+        }
+    }
+}
+
 /// Everything about a service's process that does not change from one spawn to the next,
 /// computed once when the configuration is loaded (no work between accept and fork that could
 /// be done earlier).
 pub struct Template {
-    program: Rc<[CString]>,
+    program: Program,
     argv: Rc<[CString]>,
     base_env: Rc<[CString]>,
+    /// `Some` only when the child's credentials differ from the superserver's own: a
+    /// superserver that runs a service as itself changes nothing (and needs no privilege).
     creds: Option<Box<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>>,
     limits: Limits,
     umask: Option<libc::mode_t>,
@@ -53,20 +132,76 @@ pub struct Template {
     cwd: Option<CString>,
 }
 
-fn cstring(bytes: &[u8]) -> io::Result<CString> {
-    CString::new(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+fn cstring(bytes: &[u8]) -> Result<CString, String> {
+    CString::new(bytes).map_err(|_| {
+        format!(
+            "{:?} contains a NUL byte",
+            String::from_utf8_lossy(bytes).into_owned()
+        )
+    })
+}
+
+/// Whether this process may switch to another user and group: root, or the capabilities
+/// `CAP_SETUID` and `CAP_SETGID` in its effective set (a unit with `AmbientCapabilities=`).
+fn may_change_credentials() -> bool {
+    if Identity::current().uid == 0 {
+        return true;
+    }
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    const SETGID: u64 = 1 << 6;
+    const SETUID: u64 = 1 << 7;
+    eff & (SETGID | SETUID) == SETGID | SETUID
 }
 
 impl Template {
-    /// Prepare the parts of the child's process that come from the service definition.
+    /// Prepare the parts of the child's process that come from the service definition, and
+    /// check that they can work: the program is opened and checked for the service's user,
+    /// and a change of user or group is possible. The error is one line that says what
+    /// stops the service and what to do.
     /// `pass_env` values are read from the superserver's environment now (at load or reload).
-    pub fn new(svc: &Service) -> io::Result<Template> {
-        let program = intern(vec![cstring(svc.program.as_os_str().as_bytes())?]);
+    pub fn new(svc: &Service) -> Result<Template, String> {
+        let me = Identity::current();
+        let who = match &svc.credentials {
+            Some(c) => {
+                let mut groups = c.groups.clone();
+                groups.sort_unstable();
+                groups.dedup();
+                Identity {
+                    name: c.user.clone(),
+                    uid: c.uid,
+                    gid: c.gid,
+                    groups,
+                }
+            }
+            None => me.clone(),
+        };
+        let change = who.uid != me.uid || who.gid != me.gid || who.groups != me.groups;
+        if change && !may_change_credentials() {
+            let what = if who.uid != me.uid {
+                format!("user {} (uid {})", who.name, who.uid)
+            } else {
+                format!("group {} and its supplementary groups", who.gid)
+            };
+            return Err(format!(
+                "cannot run as {what}: the superserver runs as {} (uid {}) and may not change \
+                 user or group; run the superserver as root, or remove `user`/`group` from \
+                 this service",
+                me.name, me.uid
+            ));
+        }
+        let program = Program::new(&svc.program, who.clone())?;
         let argv = intern(
             svc.argv
                 .iter()
                 .map(|a| cstring(a.as_bytes()))
-                .collect::<io::Result<Vec<_>>>()?,
+                .collect::<Result<Vec<_>, String>>()?,
         );
         let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut set = |k: &[u8], v: &[u8]| {
@@ -86,15 +221,18 @@ impl Template {
         for (k, v) in &svc.env {
             set(k.as_bytes(), v.as_bytes());
         }
+        // Lines the child writes to our stderr keep their priority under journald.
+        if crate::logging::journald()
+            && let Some(stream) = std::env::var_os("JOURNAL_STREAM")
+        {
+            set(b"JOURNAL_STREAM", stream.as_bytes());
+        }
         let base_env = intern(
             env.into_iter()
                 .map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat()))
-                .collect::<io::Result<Vec<_>>>()?,
+                .collect::<Result<Vec<_>, String>>()?,
         );
-        let creds = svc
-            .credentials
-            .as_ref()
-            .map(|c| Box::new((c.uid, c.gid, c.groups.clone())));
+        let creds = change.then(|| Box::new((who.uid, who.gid, who.groups.clone())));
         let cwd = match &svc.working_directory {
             Some(dir) => Some(cstring(dir.as_os_str().as_bytes())?),
             None => None,
@@ -110,52 +248,70 @@ impl Template {
         })
     }
 
-    /// Fork and exec one child. `extra_env` is added to the service's environment (LISTEN_*,
-    /// REMOTE_*, TCP*); with `listen_pid` the child also gets `LISTEN_PID=<its own pid>`.
-    /// `devnull` is an open `/dev/null`. Returns the child's pid; the child never returns.
+    /// "/usr/bin/x as nobody", for log lines.
+    pub fn what(&self) -> String {
+        format!(
+            "{} as {}",
+            self.program.path().to_string_lossy(),
+            self.program.who().name
+        )
+    }
+
+    /// Start one child. `extra_env` is added to the service's environment (LISTEN_*,
+    /// REMOTE_*, TCP*) and wins over a variable of the same name; with `listen_pid` the child
+    /// also gets `LISTEN_PID=<its own pid>`. `devnull` is an open `/dev/null`.
+    ///
+    /// Returns the child's pid once it has exec'd. When any step before the program runs
+    /// fails (open, descriptors, limits, chdir, credentials, exec), the child is reaped here
+    /// and the error names the step and the system's reason.
     pub fn spawn(
         &self,
         fds: Fds<'_>,
         extra_env: &[(&str, &OsStr)],
         listen_pid: bool,
         devnull: RawFd,
-    ) -> io::Result<libc::pid_t> {
+    ) -> Result<libc::pid_t, SpawnError> {
         if let Fds::Listeners(list) = fds
             && list.len() > MAX_FDS
         {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "{} sockets; at most {MAX_FDS} can be handed over",
-                    list.len()
-                ),
-            ));
+            return Err(SpawnError(format!(
+                "{} sockets; at most {MAX_FDS} can be handed over",
+                list.len()
+            )));
         }
+        let exec = self.program.open().map_err(SpawnError)?;
         // Everything the child reads is built here, in the parent.
         let mut env_strings: Vec<CString> = Vec::with_capacity(extra_env.len());
         for (k, v) in extra_env {
-            env_strings.push(cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat())?);
+            env_strings
+                .push(cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()).map_err(SpawnError)?);
         }
         // "LISTEN_PID=" followed by room for 20 digits and a NUL, filled in by the child.
         const PID_PREFIX: &[u8] = b"LISTEN_PID=";
         let mut pid_buf = [0u8; 32];
         pid_buf[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
+        // The per-connection variables come first: getenv(3) returns the first match.
         let mut envp: Vec<*const libc::c_char> =
             Vec::with_capacity(self.base_env.len() + env_strings.len() + 2);
-        envp.extend(self.base_env.iter().map(|s| s.as_ptr()));
-        envp.extend(env_strings.iter().map(|s| s.as_ptr()));
         if listen_pid {
             envp.push(pid_buf.as_ptr().cast());
         }
+        envp.extend(env_strings.iter().map(|s| s.as_ptr()));
+        envp.extend(self.base_env.iter().map(|s| s.as_ptr()));
         envp.push(std::ptr::null());
         let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|s| s.as_ptr()).collect();
         argv.push(std::ptr::null());
         let groups: &[libc::gid_t] = self.creds.as_deref().map_or(&[], |c| &c.2[..]);
 
+        let failure = AtomicI64::new(0);
         let args = ChildArgs {
             template: self,
             fds: &fds,
             devnull,
+            program_fd: match &exec {
+                Exec::Fd(fd) => fd.as_raw_fd(),
+                Exec::Path => -1,
+            },
             pid_slot: if listen_pid {
                 pid_buf[PID_PREFIX.len()..].as_mut_ptr()
             } else {
@@ -164,8 +320,10 @@ impl Template {
             argv: &argv,
             envp: &envp,
             groups,
+            nofile_soft: NOFILE_SOFT.load(Ordering::Relaxed),
+            failure: &failure,
         };
-        STACK.with(|stack| {
+        let pid = STACK.with(|stack| {
             let mut stack = stack.borrow_mut();
             // SAFETY: the stack grows down from its 16-byte aligned top; the child runs on it
             // only until execve or _exit, while this thread sleeps (CLONE_VFORK), so nothing
@@ -188,37 +346,83 @@ impl Template {
                 libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
                 if pid == -1 { Err(err) } else { Ok(pid) }
             }
-        })
+        });
+        let pid = pid.map_err(|e| SpawnError(format!("cannot create a process: {e}")))?;
+        drop(exec);
+        let failed = failure.load(Ordering::Acquire);
+        if failed == 0 {
+            return Ok(pid);
+        }
+        // The child has already called _exit (CLONE_VFORK): reap it now.
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid pointer.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        let step = Step::from_u8((failed >> 32) as u8);
+        let errno = io::Error::from_raw_os_error(failed as i32);
+        let reason = match step {
+            Some(Step::Fds) => format!("moving descriptors into place: {errno}"),
+            Some(Step::RlimitNofile) => format!("setrlimit RLIMIT_NOFILE: {errno}"),
+            Some(Step::RlimitNproc) => format!("setrlimit RLIMIT_NPROC: {errno}"),
+            Some(Step::Chdir) => format!(
+                "chdir {}: {errno}",
+                self.cwd.as_deref().unwrap_or(c"/").to_string_lossy()
+            ),
+            Some(Step::Setgroups) => format!("setgroups: {errno}"),
+            Some(Step::Setgid) => format!("setgid: {errno}"),
+            Some(Step::Setuid) => format!("setuid: {errno}"),
+            Some(Step::Exec) | None => format!("exec: {errno}"),
+        };
+        Err(SpawnError(reason))
     }
 
-    /// The child side: set up and exec, or report and `_exit(127)`.
+    /// The child side: set up and exec, or record the failed step and `_exit(127)`.
     ///
     /// # Safety
     /// Must only be called in the child started by `spawn`, with every signal blocked.
     unsafe fn child_exec(&self, a: &ChildArgs<'_>) -> ! {
         let (fds, devnull, groups) = (a.fds, a.devnull, a.groups);
+        let fail = |step: Step| -> ! {
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            a.failure.store(
+                ((step as i64) << 32) | (errno as u32 as i64),
+                Ordering::Release,
+            );
+            // SAFETY: _exit(2) is async-signal-safe.
+            unsafe { libc::_exit(127) }
+        };
         // SAFETY: all calls below are async-signal-safe system calls operating on memory
         // prepared by the parent before clone; see the function's contract.
         unsafe {
-            // Our handlers are inherited (the table is copied, not shared): back to defaults
-            // before unblocking. SIGPIPE is ignored by Rust's runtime and would otherwise
-            // stay ignored through exec.
-            for sig in [
-                libc::SIGCHLD,
-                libc::SIGHUP,
-                libc::SIGTERM,
-                libc::SIGINT,
-                libc::SIGPIPE,
-            ] {
-                libc::signal(sig, libc::SIG_DFL);
+            // Every signal back to its default disposition before unblocking: our handlers
+            // are inherited (the table is copied, not shared), and an ignored signal would
+            // stay ignored through exec (SIGPIPE is ignored by Rust's runtime; whatever our
+            // own launcher ignored, SIGQUIT or SIGUSR1, would be too). glibc refuses its two
+            // internal signals; that is fine.
+            for sig in 1..libc::SIGRTMAX() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            // Own session: a Ctrl-C meant for the superserver does not hit the services, and
-            // the superserver decides how they stop.
+            // Own session (and process group): a Ctrl-C meant for the superserver does not
+            // hit the services, and the superserver signals the whole group when it stops.
             libc::setsid();
 
+            // The program's descriptor goes above every target first, like the sockets.
+            let low = match *fds {
+                Fds::Listeners(list) => 3 + list.len() as RawFd,
+                Fds::Stdio(_) => 3,
+                Fds::Fd3(_) => 4,
+            };
+            let mut program_fd = -1;
+            if a.program_fd >= 0 {
+                program_fd = libc::fcntl(a.program_fd, libc::F_DUPFD_CLOEXEC, low);
+                if program_fd < 0 {
+                    fail(Step::Fds);
+                }
+            }
             let ok = match *fds {
                 Fds::Listeners(list) => {
                     let n = list.len() as RawFd;
@@ -247,36 +451,63 @@ impl Template {
                 }
             };
             if !ok {
-                self.die();
+                fail(Step::Fds);
             }
-            // Belt and braces: nothing above the handed-over fds survives exec.
-            let first_free = match *fds {
-                Fds::Listeners(list) => 3 + list.len() as libc::c_uint,
-                Fds::Stdio(_) => 3,
-                Fds::Fd3(_) => 4,
+            // Nothing above the handed-over fds survives exec but the program's own
+            // descriptor, which is close-on-exec.
+            let close = |from: RawFd, to: libc::c_uint| {
+                if from as libc::c_uint <= to {
+                    libc::syscall(
+                        libc::SYS_close_range,
+                        from as libc::c_uint,
+                        to,
+                        0 as libc::c_uint,
+                    );
+                }
             };
-            libc::syscall(
-                libc::SYS_close_range,
-                first_free,
-                libc::c_uint::MAX,
-                0 as libc::c_uint,
-            );
+            if program_fd >= 0 {
+                close(low, program_fd as libc::c_uint - 1);
+                close(program_fd + 1, libc::c_uint::MAX);
+            } else {
+                close(low, libc::c_uint::MAX);
+            }
             if !a.pid_slot.is_null() {
                 let slot = std::slice::from_raw_parts_mut(a.pid_slot, 21);
                 write_decimal(slot, libc::getpid() as u64);
             }
             let limits = [
-                (libc::RLIMIT_NOFILE, self.limits.nofile),
-                (libc::RLIMIT_NPROC, self.limits.nproc),
+                (
+                    libc::RLIMIT_NOFILE,
+                    Step::RlimitNofile,
+                    self.limits.nofile.map(|n| (n, n)),
+                ),
+                (
+                    libc::RLIMIT_NPROC,
+                    Step::RlimitNproc,
+                    self.limits.nproc.map(|n| (n, n)),
+                ),
             ];
-            for (resource, value) in limits {
-                if let Some(n) = value {
+            for (resource, step, value) in limits {
+                let value = match value {
+                    Some(v) => Some(v),
+                    // The superserver raised its own soft limit; the child gets the original.
+                    None if resource == libc::RLIMIT_NOFILE && a.nofile_soft != u64::MAX => {
+                        let mut cur = libc::rlimit {
+                            rlim_cur: 0,
+                            rlim_max: 0,
+                        };
+                        libc::getrlimit(resource, &mut cur);
+                        (cur.rlim_cur != a.nofile_soft).then_some((a.nofile_soft, cur.rlim_max))
+                    }
+                    None => None,
+                };
+                if let Some((soft, hard)) = value {
                     let lim = libc::rlimit {
-                        rlim_cur: n,
-                        rlim_max: n,
+                        rlim_cur: soft,
+                        rlim_max: hard,
                     };
                     if libc::setrlimit(resource, &lim) != 0 {
-                        self.die();
+                        fail(step);
                     }
                 }
             }
@@ -285,37 +516,70 @@ impl Template {
             }
             let cwd = self.cwd.as_deref().unwrap_or(c"/");
             if libc::chdir(cwd.as_ptr()) != 0 {
-                self.die();
+                fail(Step::Chdir);
             }
-            // Privileges last, in the only safe order: groups, gid, uid.
-            if let Some(&(uid, gid, _)) = self.creds.as_deref()
-                && (libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0
-                    || libc::syscall(libc::SYS_setgid, gid) != 0
-                    || libc::syscall(libc::SYS_setuid, uid) != 0)
-            {
-                self.die();
+            // Privileges last, in the only safe order: groups, gid, uid; and only when they
+            // change something.
+            if let Some(&(uid, gid, _)) = self.creds.as_deref() {
+                if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
+                    fail(Step::Setgroups);
+                }
+                if libc::syscall(libc::SYS_setgid, gid) != 0 {
+                    fail(Step::Setgid);
+                }
+                if libc::syscall(libc::SYS_setuid, uid) != 0 {
+                    fail(Step::Setuid);
+                }
             }
-            libc::execve(self.program[0].as_ptr(), a.argv.as_ptr(), a.envp.as_ptr());
-            self.die()
+            if program_fd >= 0 {
+                libc::syscall(
+                    libc::SYS_execveat,
+                    program_fd,
+                    c"".as_ptr(),
+                    a.argv.as_ptr(),
+                    a.envp.as_ptr(),
+                    libc::AT_EMPTY_PATH,
+                );
+            } else {
+                libc::execve(
+                    self.program.path().as_ptr(),
+                    a.argv.as_ptr(),
+                    a.envp.as_ptr(),
+                );
+            }
+            fail(Step::Exec)
         }
     }
+}
 
-    /// Report errno on stderr with `write(2)` only, then `_exit(127)` (as a shell does).
-    fn die(&self) -> ! {
-        let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
-        let mut digits = [0u8; 24];
-        let len = write_decimal(&mut digits, errno as u64);
-        // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffers are valid.
-        unsafe {
-            let program = self.program[0].as_bytes();
-            let parts: [&[u8]; 3] = [b"superserver: cannot execute ", program, b": errno "];
-            for part in parts {
-                libc::write(2, part.as_ptr().cast(), part.len());
+/// A template for each service, in order, or one line per service that cannot start:
+/// `service.NAME.exec: cannot start PROG as USER: REASON`. Used by `--check`, at start-up and
+/// on every reload, so a program its user cannot run is reported before a client arrives.
+pub fn prepare_all<'a>(
+    services: impl IntoIterator<Item = &'a Service>,
+) -> Result<Vec<Template>, Vec<String>> {
+    let mut templates = Vec::new();
+    let mut errors = Vec::new();
+    for svc in services {
+        match Template::new(svc) {
+            Ok(t) => templates.push(t),
+            Err(e) => {
+                let who = svc
+                    .credentials
+                    .as_ref()
+                    .map_or(Identity::current().name.as_str(), |c| c.user.as_str());
+                errors.push(format!(
+                    "service.{}.exec: cannot start {} as {who}: {e}",
+                    svc.name,
+                    svc.program.display()
+                ));
             }
-            libc::write(2, digits.as_ptr().cast(), len);
-            libc::write(2, b"\n".as_ptr().cast(), 1);
-            libc::_exit(127)
         }
+    }
+    if errors.is_empty() {
+        Ok(templates)
+    } else {
+        Err(errors)
     }
 }
 
@@ -329,6 +593,12 @@ struct ChildArgs<'a> {
     argv: &'a [*const libc::c_char],
     envp: &'a [*const libc::c_char],
     groups: &'a [libc::gid_t],
+    /// The program opened by the parent (close-on-exec), or -1 to exec by path.
+    program_fd: RawFd,
+    /// `RLIMIT_NOFILE` soft limit to restore, or `u64::MAX`.
+    nofile_soft: u64,
+    /// Set by the child when a step fails: `step << 32 | errno`.
+    failure: &'a AtomicI64,
 }
 
 thread_local! {

@@ -79,7 +79,7 @@ fn reload_applies_a_diff_under_load_without_refusing_anyone() {
     assert!(summary.contains("1 added (new)"), "{summary}");
     assert!(summary.contains("2 changed (chg, mover)"), "{summary}");
     assert!(summary.contains("1 removed (gone)"), "{summary}");
-    server.wait_log("gone: removed; sending SIGTERM");
+    server.wait_log("gone: removed; SIGTERM to pid");
 
     // Changed exec applies at the next spawn; moved and added listen where they should.
     let daytime = read_all(chg_addr).unwrap();
