@@ -289,7 +289,7 @@ fn example_fixture_values() {
     assert_eq!(unix.program, Path::new("/bin/cat"));
     assert_eq!(
         unix.listen[0].addr,
-        ListenAddr::Unix("/run/superserver/cat.sock".into())
+        ListenAddr::Unix("/run/superserver-cat.sock".into())
     );
     assert_eq!(
         unix.unix_socket,

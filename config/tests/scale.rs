@@ -58,7 +58,10 @@ fn ten_thousand_services_validate_in_linear_time() {
     let start = Instant::now();
     let config = parse_str(&text, Path::new("big.toml"), &opts).unwrap_or_else(|e| panic!("{e}"));
     let took = start.elapsed();
-    eprintln!("{n} services ({} KB) validated in {took:?}", text.len() / 1024);
+    eprintln!(
+        "{n} services ({} KB) validated in {took:?}",
+        text.len() / 1024
+    );
 
     assert_eq!(config.services.len(), n);
     if n == SERVICES {
