@@ -1121,14 +1121,16 @@ impl Validator<'_> {
                         && digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
                     {
                         let d = digits.trim_start_matches('0');
-                        format!("write \"0{d}\" (a string) or 0o{d}")
+                        format!("write \"0{d}\" (a string) or 0o{d:0>3}")
                     } else {
                         "write an octal string such as \"022\" or TOML's 0o022".to_owned()
                     };
                     self.error(
                         v.span(),
                         key,
-                        format!("{written} is not octal: TOML reads it as decimal {i}; {hint}"),
+                        format!(
+                            "{written} is a decimal number in TOML ({i:#o}), not octal; {hint}"
+                        ),
                     );
                     return None;
                 }
@@ -1256,6 +1258,11 @@ fn unknown_key(name: &str, keys: &[&str]) -> String {
 /// The accepted key closest to `name`, if it is close enough to be a typo: at most one edit
 /// for short keys, up to a third of the length for longer ones (case ignored).
 fn did_you_mean<'k>(name: &str, keys: &[&'k str]) -> Option<&'k str> {
+    let longest = keys.iter().map(|k| k.len()).max().unwrap_or(0);
+    // No typo of a key is much longer than the key (and a huge name would make this slow).
+    if name.len() > 2 * longest {
+        return None;
+    }
     let lower = name.to_ascii_lowercase();
     let limit = (name.chars().count() / 3).max(1);
     keys.iter()

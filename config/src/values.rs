@@ -574,6 +574,89 @@ mod tests {
     }
 
     #[test]
+    fn unix_paths_are_normalised_lexically() {
+        assert_eq!(normalize_path("/tmp//d/./../d/a.sock"), "/tmp/d/a.sock");
+        assert_eq!(normalize_path("/../a"), "/a");
+        assert_eq!(
+            parse_listen_addr("unix:/tmp/d/../d/a.sock"),
+            parse_listen_addr("unix:/tmp/d/a.sock")
+        );
+        assert!(parse_listen_addr("unix:/tmp/..").is_err());
+    }
+
+    #[test]
+    fn mapped_ipv4_is_refused_with_the_ipv4_form() {
+        let err = parse_listen_addr("[::ffff:127.0.0.1]:7000").unwrap_err();
+        assert!(
+            err.ends_with("write the IPv4 address: 127.0.0.1:7000"),
+            "{err}"
+        );
+        assert!(
+            parse_net("::ffff:10.0.0.1")
+                .unwrap_err()
+                .ends_with("write \"10.0.0.1\"")
+        );
+        assert!(
+            parse_net("::ffff:10.0.0.0/104")
+                .unwrap_err()
+                .ends_with("write \"10.0.0.0/8\"")
+        );
+        assert!(
+            parse_net("::/0").is_ok(),
+            "a v6 net that merely contains the mapped range"
+        );
+    }
+
+    #[test]
+    fn reserved_environment_names() {
+        for name in RESERVED_ENV_NAMES
+            .iter()
+            .copied()
+            .chain(["LISTEN_FDS", "LISTEN_X"])
+        {
+            assert!(is_reserved_env_name(name), "{name}");
+            assert!(check_env_name(name).is_err(), "{name}");
+        }
+        assert!(check_env_name("TCPREMOTE").is_ok());
+    }
+
+    #[test]
+    fn rate_period_is_capped() {
+        assert!(parse_rate("1/1d").is_ok());
+        assert!(parse_rate("1/2d").is_err());
+        assert!(parse_rate("1/300000000000y").is_err());
+    }
+
+    #[test]
+    fn hashed_clash_check_agrees_with_the_pairwise_definition() {
+        let texts = [
+            "0.0.0.0:7",
+            "127.0.0.1:7",
+            "[::]:7",
+            "[::1]:7",
+            "udp://127.0.0.1:7",
+            "udp://0.0.0.0:7",
+            "127.0.0.1:7",
+            "127.0.0.2:7",
+            "unix:/a",
+            "unix:/b",
+            "unix:/a",
+            "0.0.0.0:8",
+            "127.0.0.1:8",
+            "[::1]:7",
+        ];
+        let addrs: Vec<ListenAddr> = texts
+            .iter()
+            .map(|t| parse_listen_addr(t).unwrap())
+            .collect();
+        let refs: Vec<&ListenAddr> = addrs.iter().collect();
+        let pairwise: Vec<Option<(usize, Clash)>> = (0..addrs.len())
+            .map(|i| (0..i).find_map(|j| clash(&addrs[i], &addrs[j]).map(|c| (j, c))))
+            .collect();
+        assert_eq!(first_clashes(&refs), pairwise);
+    }
+
+    #[test]
     fn clashes() {
         let a = |s: &str| parse_listen_addr(s).unwrap();
         assert!(clash(&a("0.0.0.0:7"), &a("127.0.0.1:7")).is_some());
