@@ -1,6 +1,10 @@
-//! Validation is linear in the size of the file: a config of 10,000 services (half wait with a
-//! unix socket and a UDP port, half nowait on a TCP port) validates well within a bound that
-//! quadratic code (rescanning for positions, pairwise clash checks) would blow.
+//! Validation is linear in the size of the file: a config of 20,000 services (half wait with a
+//! unix socket and a UDP port, half nowait on a TCP port; 2.6 MB) validates well within a bound
+//! that quadratic code (rescanning for positions, pairwise clash checks) would blow.
+//!
+//! Measured (debug build): the quadratic code took 2.3 s for 10,000 services and 10.2 s for
+//! 20,000; the linear code takes 0.37 s and 0.74 s. At 10,000 services the old code stayed
+//! under a generous bound, so the test uses 20,000.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -9,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use superserver_config::*;
 
-const SERVICES: usize = 10_000;
-/// Debug build, shared CPUs. Linear code takes well under a second here; the quadratic code
-/// this replaced took tens of seconds.
+const SERVICES: usize = 20_000;
+/// Debug build, shared CPUs: linear code takes under a second, the quadratic code took 10 s.
 const BOUND: Duration = Duration::from_secs(5);
 
 /// The text of a config with `n` services whose sockets live in `dir`.
