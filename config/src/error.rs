@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::validate::escape_controls;
+
 /// One problem in a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -19,16 +21,18 @@ pub struct ConfigError {
 }
 
 impl fmt::Display for ConfigError {
-    /// `FILE:LINE:COL: KEY: MESSAGE` (parts that are unknown are left out).
+    /// `FILE:LINE:COL: KEY: MESSAGE` (parts that are unknown are left out), always one line:
+    /// control characters in any part (a newline in a file name or a message) are escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        let file = self.file.to_string_lossy();
+        write!(f, "{}", escape_controls(&file))?;
         if self.line > 0 {
             write!(f, ":{}:{}", self.line, self.column)?;
         }
         if !self.key.is_empty() {
-            write!(f, ": {}", self.key)?;
+            write!(f, ": {}", escape_controls(&self.key))?;
         }
-        write!(f, ": {}", self.message)
+        write!(f, ": {}", escape_controls(&self.message))
     }
 }
 

@@ -9,8 +9,11 @@ mod values;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
-pub use validate::DEFAULT_PASS_ENV;
-pub use values::{parse_listen_addr, parse_net, parse_rate, resolve_program};
+pub use validate::{DEFAULT_PASS_ENV, MAX_RESTART_BACKOFF, MAX_SHUTDOWN_GRACE, MAX_WAIT_SOCKETS};
+pub use values::{
+    MAX_RATE_PERIOD, RESERVED_ENV_NAMES, RESERVED_ENV_PREFIX, is_reserved_env_name, normalize_path,
+    parse_listen_addr, parse_net, parse_rate, resolve_program,
+};
 
 use std::path::{Path, PathBuf};
 
@@ -32,23 +35,44 @@ pub struct LoadOptions {
 /// line, column and key path. Nothing is partially applied: either the whole file is valid or
 /// the caller gets no `Config`.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
-    let file_error = |message: String| {
-        ConfigErrors(vec![ConfigError {
+    match std::fs::read(path) {
+        Ok(bytes) => parse_bytes(&bytes, path, opts),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),
             line: 0,
             column: 0,
             key: String::new(),
-            message,
-        }])
-    };
-    let bytes = std::fs::read(path).map_err(|e| file_error(format!("cannot read: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        file_error(format!(
-            "not valid UTF-8 (byte {})",
-            e.utf8_error().valid_up_to()
-        ))
-    })?;
-    parse_str(&text, path, opts)
+            message: format!("cannot read: {e}"),
+        }])),
+    }
+}
+
+/// Validate the bytes of a configuration file; `origin` is the file name used in errors.
+///
+/// Same contract as [`load`]. Bytes that are not UTF-8 are one error at the line and column
+/// (in characters) where the first invalid byte is.
+pub fn parse_bytes(
+    bytes: &[u8],
+    origin: &Path,
+    opts: &LoadOptions,
+) -> Result<Config, ConfigErrors> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => parse_str(text, origin, opts),
+        Err(e) => {
+            let at = e.valid_up_to();
+            let (line, column) = validate::LineIndex::new(bytes).position(bytes, at);
+            Err(ConfigErrors(vec![ConfigError {
+                file: origin.to_path_buf(),
+                line,
+                column,
+                key: String::new(),
+                message: format!(
+                    "not valid UTF-8 (byte 0x{:02x}); the file must be UTF-8 text",
+                    bytes[at]
+                ),
+            }]))
+        }
+    }
 }
 
 /// Validate configuration text; `origin` is the file name used in error messages.

@@ -13,6 +13,15 @@ use toml::Spanned;
 /// The keys accepted at the top level of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &["superserver", "service"];
 
+/// A table type of the schema. Every field is optional, so a table holding any subset of
+/// [`KEYS`](RawTable::KEYS) (even one key alone) deserializes: `validate` relies on this to
+/// check each key on its own when a table does not fit.
+pub trait RawTable: serde::de::DeserializeOwned {
+    /// The accepted keys, in the order the messages list them (the order of the fields; a unit
+    /// test checks that the list and the fields agree).
+    const KEYS: &'static [&'static str];
+}
+
 /// The `[superserver]` table.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -21,6 +30,47 @@ pub struct RawGlobal {
     pub backlog: Option<Spanned<i64>>,
     pub restart_backoff_min: Option<Spanned<String>>,
     pub restart_backoff_max: Option<Spanned<String>>,
+    pub allow_no_services: Option<bool>,
+}
+
+impl RawTable for RawGlobal {
+    const KEYS: &'static [&'static str] = &[
+        "shutdown_grace",
+        "backlog",
+        "restart_backoff_min",
+        "restart_backoff_max",
+        "allow_no_services",
+    ];
+}
+
+impl RawTable for RawService {
+    const KEYS: &'static [&'static str] = &[
+        "mode",
+        "exec",
+        "listen",
+        "backlog",
+        "max_instances",
+        "max_per_source",
+        "source_prefix_v4",
+        "source_prefix_v6",
+        "overflow",
+        "rate",
+        "allow",
+        "deny",
+        "user",
+        "group",
+        "allow_root",
+        "env",
+        "pass_env",
+        "working_directory",
+        "umask",
+        "limit_nofile",
+        "limit_nproc",
+        "connection",
+        "socket_mode",
+        "socket_user",
+        "socket_group",
+    ];
 }
 
 /// One `[service.NAME]` table.
@@ -37,8 +87,8 @@ pub struct RawService {
     pub source_prefix_v6: Option<Spanned<i64>>,
     pub overflow: Option<Spanned<RawOverflow>>,
     pub rate: Option<Spanned<String>>,
-    pub allow: Option<Vec<Spanned<String>>>,
-    pub deny: Option<Vec<Spanned<String>>>,
+    pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub deny: Option<Spanned<Vec<Spanned<String>>>>,
     pub user: Option<Spanned<NameOrId>>,
     pub group: Option<Spanned<NameOrId>>,
     pub allow_root: Option<bool>,
@@ -205,7 +255,7 @@ pub enum NameOrId {
 impl fmt::Display for NameOrId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            NameOrId::Name(n) => write!(f, "\"{n}\""),
+            NameOrId::Name(n) => write!(f, "{n:?}"),
             NameOrId::Id(i) => write!(f, "{i}"),
         }
     }
@@ -240,8 +290,9 @@ impl<'de> Deserialize<'de> for NameOrId {
     }
 }
 
-/// A file mode or umask: an octal string (`"022"`, `"0o022"`) or an integer (write TOML's
-/// `0o022`; a decimal integer is taken at its value).
+/// A file mode or umask: an octal string (`"022"`, `"0o022"`) or an integer. Which integers
+/// are accepted (TOML's `0o022`, not a decimal `22`) is decided in `validate`, which sees how
+/// the number was written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Octal {
     Text(String),
@@ -267,5 +318,34 @@ impl<'de> Deserialize<'de> for Octal {
             }
         }
         d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The accepted keys serde reports for an unknown one (the field list of `T`).
+    fn serde_keys<T: RawTable>() -> String {
+        let err = toml::from_str::<T>("no_such_key = 1").err().unwrap();
+        let msg = err.message().to_owned();
+        msg.split_once("expected one of ")
+            .unwrap()
+            .1
+            .trim()
+            .to_owned()
+    }
+
+    fn listed(keys: &[&str]) -> String {
+        keys.iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    #[test]
+    fn key_lists_match_the_fields() {
+        assert_eq!(serde_keys::<RawGlobal>(), listed(RawGlobal::KEYS));
+        assert_eq!(serde_keys::<RawService>(), listed(RawService::KEYS));
     }
 }

@@ -2,11 +2,14 @@
 //!
 //! Three passes, each reporting everything it finds before the next runs:
 //! 1. TOML syntax: only the first syntax error is reported, and nothing else is checked.
-//! 2. Shape (serde into `raw` types): a failing key is reported and removed, and the table is
-//!    deserialized again, so every unknown key or wrong type of a table is reported at once.
+//! 2. Shape (serde into `raw` types): unknown keys are reported (with a "did you mean") and
+//!    removed; if the table still does not fit, each key is deserialized on its own, so every
+//!    wrong type of a table is reported at once and removed.
 //! 3. Meaning: addresses, programs, users, ranges, mode rules, and clashes between services.
 //!
 //! A check whose input was removed in pass 2 is skipped, so one mistake is reported once.
+//! Every pass is linear in the size of the file: positions come from a line index, clashes
+//! from hash maps, and no table is deserialized more than three times.
 
 use std::ffi::CString;
 use std::ops::Range;
@@ -14,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::unistd::{Uid, User};
-use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
@@ -28,6 +30,17 @@ use crate::values::*;
 
 /// Variables a service gets when `pass_env` is not given.
 pub const DEFAULT_PASS_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG"];
+
+/// The most sockets a wait-mode service may have: all of them are handed to one process as
+/// fd 3, 4, … in one `LISTEN_FDS`, and more could not be handed over.
+pub const MAX_WAIT_SOCKETS: usize = 256;
+
+/// The longest `shutdown_grace` (one hour). Longer values are refused: they would overflow the
+/// deadline computed from them.
+pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
+
+/// The longest `restart_backoff_min` / `restart_backoff_max` (one day).
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(24 * 3600);
 
 /// One shared copy of the default pass-list (a thousand services need not hold a thousand).
 fn default_pass_env() -> Arc<[String]> {
@@ -57,6 +70,7 @@ pub(crate) fn parse(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Con
 struct Report<'a> {
     origin: &'a Path,
     text: &'a str,
+    lines: LineIndex,
     errors: Vec<(usize, ConfigError)>,
 }
 
@@ -65,6 +79,7 @@ impl<'a> Report<'a> {
         Report {
             origin,
             text,
+            lines: LineIndex::new(text.as_bytes()),
             errors: Vec::new(),
         }
     }
@@ -77,8 +92,22 @@ impl<'a> Report<'a> {
                 file: self.origin.to_path_buf(),
                 line,
                 column,
-                key: key.into(),
-                message: message.into(),
+                key: escape_controls(&key.into()),
+                message: escape_controls(&message.into()),
+            },
+        ));
+    }
+
+    /// An error about the whole file (no line), sorted first.
+    fn file_error(&mut self, message: impl Into<String>) {
+        self.errors.push((
+            0,
+            ConfigError {
+                file: self.origin.to_path_buf(),
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: escape_controls(&message.into()),
             },
         ));
     }
@@ -89,10 +118,24 @@ impl<'a> Report<'a> {
         while !self.text.is_char_boundary(offset) {
             offset -= 1;
         }
-        let before = &self.text[..offset];
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let line = before.matches('\n').count() + 1;
-        (line, before[line_start..].chars().count() + 1)
+        self.lines.position(self.text.as_bytes(), offset)
+    }
+
+    /// The text of the line holding `offset` (without its newline), and its 1-based number.
+    fn line_at(&self, offset: usize) -> (&'a str, usize) {
+        let (line, _) = self.position(offset);
+        (self.line_text(line), line)
+    }
+
+    /// The text of 1-based line `line`, without its newline.
+    fn line_text(&self, line: usize) -> &'a str {
+        let start = self.lines.starts[line - 1];
+        let end = self
+            .lines
+            .starts
+            .get(line)
+            .map_or(self.text.len(), |&e| e - 1);
+        self.text[start..end].trim_end_matches('\r')
     }
 
     fn count(&self) -> usize {
@@ -104,6 +147,52 @@ impl<'a> Report<'a> {
         self.errors.sort_by_key(|(offset, _)| *offset);
         self.errors.into_iter().map(|(_, e)| e).collect()
     }
+}
+
+/// Where each line starts, computed once, so that a position costs a binary search rather than
+/// a scan from the start of the file.
+pub(crate) struct LineIndex {
+    starts: Vec<usize>,
+}
+
+impl LineIndex {
+    pub(crate) fn new(text: &[u8]) -> Self {
+        let mut starts = vec![0];
+        starts.extend(
+            text.iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        LineIndex { starts }
+    }
+
+    /// 1-based line and column of byte `offset` of `text`; the column counts characters (the
+    /// bytes of the line before `offset` are valid UTF-8 up to where the caller says).
+    pub(crate) fn position(&self, text: &[u8], offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let start = self.starts[line - 1];
+        let before = &text[start..offset];
+        let chars = String::from_utf8_lossy(before).chars().count();
+        (line, chars + 1)
+    }
+}
+
+/// Control characters (newline, tab, escape, …) written as Rust escapes, so that a message
+/// built from user text stays one line. Text without control characters is returned as is.
+pub(crate) fn escape_controls(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 /// A listen address seen so far, for clash checks across services.
@@ -130,11 +219,15 @@ impl Validator<'_> {
         // Only the first syntax error: the parser's recovery guesses, and what follows the
         // first error is often the same mistake seen again.
         if let Some(e) = syntax.first() {
-            self.error(e.span().unwrap_or(0..0), "", one_line(e.message()));
+            let span = e.span().unwrap_or(0..0);
+            let message = self.syntax_message(span.clone(), &one_line(e.message()));
+            self.error(span, "", message);
             return None;
         }
         let mut raw_global = None;
         let mut raw_services = Vec::new();
+        // `Some(span)` of an empty `service` table, `None` when there is none.
+        let mut service_key = None;
         for (key, value) in in_file_order(doc.into_inner()) {
             match key.get_ref().as_ref() {
                 "superserver" => {
@@ -142,6 +235,7 @@ impl Validator<'_> {
                 }
                 "service" => {
                     let span = value.span();
+                    service_key = Some(span.clone());
                     match value.into_inner() {
                         DeValue::Table(t) => {
                             for (name, table) in in_file_order(t) {
@@ -160,14 +254,15 @@ impl Validator<'_> {
                 other => self.error(
                     key.span(),
                     key_segment(other),
-                    format!(
-                        "unknown key `{other}`, expected one of {}",
-                        list_keys(TOP_LEVEL_KEYS)
-                    ),
+                    unknown_key(other, TOP_LEVEL_KEYS),
                 ),
             }
         }
 
+        let no_services = raw_services.is_empty();
+        let raw_global_keys = raw_global
+            .as_ref()
+            .map(|(g, removed): &(RawGlobal, Vec<String>)| (g.allow_no_services, removed.clone()));
         let global = self.global(raw_global.map(|(g, _)| g).unwrap_or_default());
         let mut services = Vec::new();
         for (name, path, raw) in raw_services {
@@ -190,12 +285,37 @@ impl Validator<'_> {
             }
         }
         self.clashes();
+        // A file without services is refused unless it says so: a half-written or truncated
+        // file read on SIGHUP would otherwise stop every service.
+        let allowed_empty = match &raw_global_keys {
+            Some((allow, removed)) => {
+                *allow == Some(true) || removed.iter().any(|k| k == "allow_no_services")
+            }
+            None => false,
+        };
+        // Reported only when nothing else is wrong: with other errors the file is refused anyway.
+        if no_services && !allowed_empty && self.report.count() == 0 {
+            const WHAT: &str = "a file without services would stop every running service; add a \
+                                [service.NAME] table, or set allow_no_services = true in \
+                                [superserver] if no service is intended";
+            match service_key {
+                // `service` that is not a table was reported above.
+                Some(span) => self.error(span, "service", format!("no service defined: {WHAT}")),
+                None => self
+                    .report
+                    .file_error(format!("no [service.NAME] table: {WHAT}")),
+            }
+        }
+
         Some(Config { global, services })
     }
 
     /// Deserialize one table into `T`, reporting every key that does not fit. Returns the value
     /// and the keys that were removed to get it, or `None` when `value` is not a table at all.
-    fn table<T: DeserializeOwned>(
+    ///
+    /// Unknown keys are found by name; if the rest still does not fit, each key is tried alone
+    /// (every field of a raw table is optional), so the cost is linear in the table's size.
+    fn table<T: RawTable>(
         &mut self,
         path: &str,
         key_span: Range<usize>,
@@ -211,25 +331,123 @@ impl Validator<'_> {
             return None;
         };
         let mut removed = Vec::new();
-        loop {
-            let whole = Spanned::new(span.clone(), DeValue::Table(table.clone()));
-            let err = match T::deserialize(ValueDeserializer::from(whole)) {
-                Ok(t) => return Some((t, removed)),
+        let unknown: Vec<String> = table
+            .iter()
+            .map(|(k, _)| k.get_ref().to_string())
+            .filter(|k| !T::KEYS.contains(&k.as_str()))
+            .collect();
+        for name in unknown {
+            let (k, _) = table.remove_entry(name.as_str()).expect("key just listed");
+            let key = format!("{path}.{}", key_segment(&name));
+            self.error(k.span(), key, unknown_key(&name, T::KEYS));
+            removed.push(name);
+        }
+        fn as_value<'i>(span: &Range<usize>, t: DeTable<'i>) -> ValueDeserializer<'i> {
+            ValueDeserializer::from(Spanned::new(span.clone(), DeValue::Table(t)))
+        }
+        if let Ok(t) = T::deserialize(as_value(&span, table.clone())) {
+            return Some((t, removed));
+        }
+        let names: Vec<String> = table.iter().map(|(k, _)| k.get_ref().to_string()).collect();
+        for name in names {
+            let (k, v) = table.remove_entry(name.as_str()).expect("key just listed");
+            let mut alone = DeTable::new();
+            alone.insert(k.clone(), v.clone());
+            let err = match T::deserialize(as_value(&span, alone)) {
+                Ok(_) => {
+                    table.insert(k, v);
+                    continue;
+                }
                 Err(e) => e,
             };
-            let at = err.span().unwrap_or_else(|| key_span.clone());
-            let culprit = table
-                .iter()
-                .find(|(k, v)| contains(&k.span(), at.start) || contains(&v.span(), at.start))
-                .map(|(k, _)| k.get_ref().to_string());
-            let Some(name) = culprit else {
-                self.error(at, path, clean_serde_message(err.message()));
-                return None;
-            };
-            let (_, v) = table.remove_entry(name.as_str()).expect("key just found");
+            let at = err.span().unwrap_or_else(|| k.span());
             let key = key_path(format!("{path}.{}", key_segment(&name)), &v, at.start);
-            self.error(at, key, clean_serde_message(err.message()));
+            let mut message = clean_serde_message(err.message());
+            if let (true, DeValue::String(text)) =
+                (ARRAY_KEYS.contains(&name.as_str()), v.get_ref())
+            {
+                message += &format!("; write {name} = [{:?}]", text.as_ref());
+            }
+            self.error(at, key, message);
             removed.push(name);
+        }
+        match T::deserialize(as_value(&span, table)) {
+            Ok(t) => Some((t, removed)),
+            Err(err) => {
+                let at = err.span().unwrap_or(key_span);
+                self.error(at, path, clean_serde_message(err.message()));
+                None
+            }
+        }
+    }
+
+    /// A TOML syntax error's message, with a hint for the common mistakes: an address or other
+    /// value written without quotes, and a table or key defined twice (named, with the line
+    /// of the first definition when it can be found).
+    fn syntax_message(&self, span: Range<usize>, message: &str) -> String {
+        let (line_text, line) = self.report.line_at(span.start);
+        if message.starts_with("duplicate key") {
+            return self.duplicate_message(span, line_text, line);
+        }
+        let Some((key, value)) = line_text.split_once('=') else {
+            return message.to_owned();
+        };
+        let value = value.split(" #").next().unwrap_or("").trim();
+        let key = key.trim();
+        let looks_like_address = !value.is_empty()
+            && !key.starts_with('[')
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || ".:[]/_+-".contains(c))
+            && (value.contains(':') || value.matches('.').count() > 1 || value.contains('/'))
+            && (!value.starts_with('[') || value.contains("]:"));
+        if looks_like_address {
+            format!("{message}; quote the value: {key} = {value:?}")
+        } else {
+            message.to_owned()
+        }
+    }
+
+    fn duplicate_message(&self, span: Range<usize>, line_text: &str, line: usize) -> String {
+        let token = self.report.text.get(span).unwrap_or("").trim();
+        let trimmed = line_text.trim_start();
+        if trimmed.starts_with('[') {
+            let header = header_name(trimmed);
+            let first = (1..line).find(|&l| {
+                let t = self.report.line_text(l).trim_start();
+                t.starts_with('[') && header_name(t) == header
+            });
+            return match first {
+                Some(first) => format!(
+                    "duplicate key: table [{header}] is defined twice (lines {first} and \
+                     {line}); merge them into one table"
+                ),
+                None => format!(
+                    "duplicate key: [{header}] is already defined earlier in the file; define \
+                     each table once"
+                ),
+            };
+        }
+        // A `key = value` line: look for the first definition back to the table's header.
+        let defines = |l: &str| {
+            l.trim_start()
+                .strip_prefix(token)
+                .is_some_and(|rest| rest.trim_start().starts_with(['=', '.']))
+        };
+        let first = (1..line)
+            .rev()
+            .map(|l| (l, self.report.line_text(l)))
+            .take_while(|(_, t)| !t.trim_start().starts_with('['))
+            .filter(|(_, t)| defines(t))
+            .last()
+            .map(|(l, _)| l);
+        let token = token.escape_debug();
+        match first {
+            Some(first) => format!(
+                "duplicate key: `{token}` is defined twice in this table (lines {first} and \
+                 {line}); keep one"
+            ),
+            None => format!("duplicate key: `{token}` is defined twice in this table; keep one"),
         }
     }
 
@@ -242,7 +460,7 @@ impl Validator<'_> {
         };
         if let Some(d) = &raw.shutdown_grace {
             g.shutdown_grace = self
-                .duration(d, "superserver.shutdown_grace")
+                .duration(d, "superserver.shutdown_grace", MAX_SHUTDOWN_GRACE)
                 .unwrap_or(g.shutdown_grace);
         }
         if let Some(b) = &raw.backlog {
@@ -253,7 +471,7 @@ impl Validator<'_> {
         let min = raw
             .restart_backoff_min
             .as_ref()
-            .and_then(|d| self.duration(d, "superserver.restart_backoff_min"));
+            .and_then(|d| self.duration(d, "superserver.restart_backoff_min", MAX_RESTART_BACKOFF));
         if let (Some(min), Some(d)) = (min, &raw.restart_backoff_min) {
             if min.is_zero() {
                 self.error(
@@ -266,7 +484,7 @@ impl Validator<'_> {
         let max = raw
             .restart_backoff_max
             .as_ref()
-            .and_then(|d| self.duration(d, "superserver.restart_backoff_max"));
+            .and_then(|d| self.duration(d, "superserver.restart_backoff_max", MAX_RESTART_BACKOFF));
         g.restart_backoff_min = min.unwrap_or(g.restart_backoff_min);
         g.restart_backoff_max = max.unwrap_or(g.restart_backoff_max);
         if g.restart_backoff_max < g.restart_backoff_min {
@@ -405,11 +623,24 @@ impl Validator<'_> {
         });
 
         let mut access = AccessRules::default();
+        let unix_only = listen
+            .as_ref()
+            .is_some_and(|l| l.iter().all(|l| matches!(l.addr, ListenAddr::Unix(_))));
         for (key, list, out) in [
             ("allow", &raw.allow, &mut access.allow),
             ("deny", &raw.deny, &mut access.deny),
         ] {
-            for item in list.iter().flatten() {
+            let Some(list) = list else { continue };
+            if unix_only && !list.get_ref().is_empty() {
+                self.error(
+                    list.span(),
+                    s.key(key),
+                    "has no effect: every socket of this service is unix:, and a unix: peer has \
+                     no IP address; remove it",
+                );
+                continue;
+            }
+            for item in list.get_ref() {
                 match parse_net(item.get_ref()) {
                     Ok(net) => out.push(net),
                     Err(m) => self.report.error(item.span(), s.key(key), m),
@@ -623,6 +854,17 @@ impl Validator<'_> {
                 "no socket to listen on: give at least one address",
             );
         }
+        if mode == Some(Mode::Wait) && items.len() > MAX_WAIT_SOCKETS {
+            self.error(
+                outer.clone(),
+                &key,
+                format!(
+                    "mode = \"wait\" hands all sockets to one process, at most \
+                     {MAX_WAIT_SOCKETS}, and this service has {}; split it into several services",
+                    items.len()
+                ),
+            );
+        }
         if mode == Some(Mode::Nowait) && names > 1 {
             self.error(
                 outer,
@@ -640,6 +882,11 @@ impl Validator<'_> {
                     continue;
                 }
             };
+            if let ListenAddr::Unix(path) = &addr {
+                if let Err(m) = check_socket_directory(path) {
+                    self.error(text.span(), &key, m);
+                }
+            }
             if mode == Some(Mode::Nowait) && !addr.is_stream() {
                 self.error(
                     text.span(),
@@ -730,7 +977,7 @@ impl Validator<'_> {
             self.error(
                 span,
                 s.key("user"),
-                format!("cannot list the groups of user \"{}\"", pw.name),
+                format!("cannot list the groups of user {:?}", pw.name),
             );
             return None;
         };
@@ -798,44 +1045,53 @@ impl Validator<'_> {
     /// Listen addresses used twice, or a wildcard and a specific address on the same port.
     fn clashes(&mut self) {
         let seen = std::mem::take(&mut self.seen);
-        for (i, this) in seen.iter().enumerate() {
-            for other in &seen[..i] {
-                let Some(what) = clash(&this.addr, &other.addr) else {
-                    continue;
-                };
-                let whose = if other.service == this.service {
-                    "earlier in this service".to_owned()
-                } else {
-                    format!("by service \"{}\"", other.service)
-                };
-                let (line, _) = self.report.position(other.span.start);
-                let msg = match what {
-                    Clash::Same => format!("{} is already used {whose} (line {line})", this.addr),
-                    Clash::Overlap => format!(
-                        "{} overlaps {} used {whose} (line {line}): a wildcard and a specific \
-                         address on the same port and protocol cannot both be bound",
-                        this.addr, other.addr
-                    ),
-                };
-                self.error(this.span.clone(), &this.key, msg);
-                break;
-            }
+        let addrs: Vec<&ListenAddr> = seen.iter().map(|s| &s.addr).collect();
+        for (this, clash) in seen.iter().zip(first_clashes(&addrs)) {
+            let Some((other, what)) = clash else { continue };
+            let other = &seen[other];
+            let whose = if other.service == this.service {
+                "earlier in this service".to_owned()
+            } else {
+                format!("by service {:?}", other.service)
+            };
+            let (line, _) = self.report.position(other.span.start);
+            let msg = match what {
+                Clash::Same => format!("{} is already used {whose} (line {line})", this.addr),
+                Clash::Overlap => format!(
+                    "{} overlaps {} used {whose} (line {line}): a wildcard and a specific \
+                     address on the same port and protocol cannot both be bound",
+                    this.addr, other.addr
+                ),
+            };
+            self.error(this.span.clone(), &this.key, msg);
         }
     }
 
-    fn duration(&mut self, d: &Spanned<String>, key: &str) -> Option<Duration> {
-        humantime::parse_duration(d.get_ref())
-            .map_err(|e| {
+    /// A humantime duration of at most `max`.
+    fn duration(&mut self, d: &Spanned<String>, key: &str, max: Duration) -> Option<Duration> {
+        let text = d.get_ref();
+        match humantime::parse_duration(text) {
+            Err(e) => {
+                self.error(
+                    d.span(),
+                    key,
+                    format!("invalid duration {text:?} ({e}); write e.g. \"10s\" or \"500ms\""),
+                );
+                None
+            }
+            Ok(v) if v > max => {
                 self.error(
                     d.span(),
                     key,
                     format!(
-                        "invalid duration \"{}\" ({e}); write e.g. \"10s\" or \"500ms\"",
-                        d.get_ref()
+                        "duration {text:?} is too long: must be at most {}",
+                        humantime::format_duration(max)
                     ),
-                )
-            })
-            .ok()
+                );
+                None
+            }
+            Ok(v) => Some(v),
+        }
     }
 
     fn int_in(&mut self, v: &Spanned<i64>, key: &str, lo: i64, hi: i64) -> Option<i64> {
@@ -852,9 +1108,34 @@ impl Validator<'_> {
         None
     }
 
+    /// A mode or umask: an octal string, or an integer written in TOML's octal (`0o022`). A
+    /// decimal integer other than 0 is refused: TOML reads `22` as twenty-two, which is not
+    /// what anyone writing a umask means.
     fn octal(&mut self, v: &Spanned<Octal>, key: &str) -> Option<u32> {
         let n = match v.get_ref() {
-            Octal::Int(i) => Some(*i),
+            Octal::Int(i) => {
+                let written = self.report.text.get(v.span()).unwrap_or("").trim();
+                let digits = written.trim_start_matches('+').replace('_', "");
+                if !written.starts_with("0o") && *i != 0 {
+                    let hint = if !digits.is_empty()
+                        && digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+                    {
+                        let d = digits.trim_start_matches('0');
+                        format!("write \"0{d}\" (a string) or 0o{d:0>3}")
+                    } else {
+                        "write an octal string such as \"022\" or TOML's 0o022".to_owned()
+                    };
+                    self.error(
+                        v.span(),
+                        key,
+                        format!(
+                            "{written} is a decimal number in TOML ({i:#o}), not octal; {hint}"
+                        ),
+                    );
+                    return None;
+                }
+                Some(*i)
+            }
             Octal::Text(t) => {
                 let digits = t.strip_prefix("0o").unwrap_or(t);
                 i64::from_str_radix(digits, 8)
@@ -879,7 +1160,7 @@ impl Validator<'_> {
                 self.error(
                     v.span(),
                     key,
-                    format!("invalid octal mode \"{t}\"; write e.g. \"022\""),
+                    format!("invalid octal mode {t:?}; write e.g. \"022\""),
                 );
                 None
             }
@@ -957,11 +1238,57 @@ fn key_segment(key: &str) -> String {
     }
 }
 
-fn list_keys(keys: &[&str]) -> String {
-    keys.iter()
+/// Keys whose value is an array of strings: a lone string there gets a hint to bracket it.
+const ARRAY_KEYS: &[&str] = &["exec", "allow", "deny", "pass_env"];
+
+/// "unknown key `listn` (did you mean `listen`?), expected one of `mode`, `exec`, …".
+fn unknown_key(name: &str, keys: &[&str]) -> String {
+    let list = keys
+        .iter()
         .map(|k| format!("`{k}`"))
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    let shown = name.escape_debug();
+    match did_you_mean(name, keys) {
+        Some(k) => format!("unknown key `{shown}` (did you mean `{k}`?), expected one of {list}"),
+        None => format!("unknown key `{shown}`, expected one of {list}"),
+    }
+}
+
+/// The accepted key closest to `name`, if it is close enough to be a typo: at most one edit
+/// for short keys, up to a third of the length for longer ones (case ignored).
+fn did_you_mean<'k>(name: &str, keys: &[&'k str]) -> Option<&'k str> {
+    let longest = keys.iter().map(|k| k.len()).max().unwrap_or(0);
+    // No typo of a key is much longer than the key (and a huge name would make this slow).
+    if name.len() > 2 * longest {
+        return None;
+    }
+    let lower = name.to_ascii_lowercase();
+    let limit = (name.chars().count() / 3).max(1);
+    keys.iter()
+        .map(|k| (strsim::damerau_levenshtein(&lower, k), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// The name of a table header, `[ service . "a b" ]` → `service."a b"`: brackets and the
+/// whitespace outside quotes removed, for comparing two headers.
+fn header_name(line: &str) -> String {
+    let inner = line.trim().trim_start_matches('[');
+    let inner = inner.split(']').next().unwrap_or("");
+    let mut out = String::new();
+    let mut quote = None;
+    for c in inner.chars() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, c) if c.is_whitespace() => continue,
+            _ => {}
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Entries of a TOML table in the order they were written.

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use superserver_config::*;
 
-const MIN_INVALID_FIXTURES: usize = 25;
-const MIN_VALID_FIXTURES: usize = 2;
+const MIN_INVALID_FIXTURES: usize = 40;
+const MIN_VALID_FIXTURES: usize = 3;
 
 /// The fixture files in `dir` (relative to the package), sorted.
 fn fixtures(dir: &str) -> Vec<PathBuf> {
@@ -26,10 +26,11 @@ fn fixtures(dir: &str) -> Vec<PathBuf> {
     files
 }
 
-/// Parse a fixture; errors name it by its path relative to the package, so they are stable.
+/// Parse a fixture (as bytes: one is not UTF-8); errors name it by its path relative to the
+/// package, so they are stable.
 fn parse(rel: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap();
-    parse_str(&text, rel, opts)
+    let bytes = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap();
+    parse_bytes(&bytes, rel, opts)
 }
 
 /// A temporary directory holding an executable `small-services`, used as `exe_dir`.
@@ -88,8 +89,10 @@ fn invalid_fixtures_fail_with_the_expected_errors() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// Valid whoever runs them: CI may run the tests as root, where a service without `user` or
+/// `allow_root` is refused.
 #[test]
-fn valid_fixtures_load() {
+fn valid_fixtures_load_as_root_and_as_a_user() {
     let files = fixtures("tests/fixtures/valid");
     assert!(
         files.len() >= MIN_VALID_FIXTURES,
@@ -97,15 +100,71 @@ fn valid_fixtures_load() {
         files.len()
     );
     let dir = exe_dir();
-    let opts = LoadOptions {
-        exe_dir: Some(dir.path().to_path_buf()),
-        running_as_root: false,
-    };
-    for rel in files {
-        if let Err(e) = parse(&rel, &opts) {
-            panic!("{}: {e}", rel.display());
+    for running_as_root in [false, true] {
+        let opts = LoadOptions {
+            exe_dir: Some(dir.path().to_path_buf()),
+            running_as_root,
+        };
+        for rel in &files {
+            if let Err(e) = parse(rel, &opts) {
+                panic!("{} (as root: {running_as_root}): {e}", rel.display());
+            }
         }
     }
+}
+
+#[test]
+fn no_services_is_valid_only_when_allowed() {
+    let origin = Path::new("empty.toml");
+    let opts = LoadOptions::default();
+    for text in [
+        "",
+        "  \n\t\n",
+        "# nothing yet\n",
+        "[superserver]\nbacklog = 10\n",
+    ] {
+        let err = parse_str(text, origin, &opts).unwrap_err().to_string();
+        assert!(
+            err.starts_with("empty.toml: no [service.NAME] table: ")
+                && err.contains("allow_no_services = true"),
+            "{text:?}: {err}"
+        );
+    }
+    let err = parse_str("service = {}\n", origin, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("empty.toml:1:11: service: no service defined: "),
+        "{err}"
+    );
+
+    let config = parse_str("[superserver]\nallow_no_services = true\n", origin, &opts).unwrap();
+    assert!(config.services.is_empty());
+}
+
+#[test]
+fn unix_paths_are_stored_normalised() {
+    let text = "[service.a]\nexec = [\"cat\"]\nlisten = \"unix:/tmp//./x/../a.sock\"\n";
+    let config = parse_str(text, Path::new("n.toml"), &LoadOptions::default()).unwrap();
+    assert_eq!(
+        config.services[0].listen[0].addr,
+        ListenAddr::Unix("/tmp/a.sock".into()),
+        "a reload that only re-spells the path compares equal"
+    );
+}
+
+#[test]
+fn not_utf8_is_placed_by_line_and_column() {
+    let err = parse_bytes(
+        b"# ok\nx = \"\xc3\xa9\xff\"\n",
+        Path::new("b.toml"),
+        &LoadOptions::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "b.toml:2:7: not valid UTF-8 (byte 0xff); the file must be UTF-8 text"
+    );
 }
 
 #[test]
@@ -126,11 +185,11 @@ fn load_reads_the_file_and_names_it() {
 
 #[test]
 fn minimal_fixture_gets_the_defaults() {
-    let config = parse(
-        Path::new("tests/fixtures/valid/minimal.toml"),
-        &LoadOptions::default(),
-    )
-    .unwrap();
+    let as_root = LoadOptions {
+        exe_dir: None,
+        running_as_root: true,
+    };
+    let config = parse(Path::new("tests/fixtures/valid/minimal.toml"), &as_root).unwrap();
     assert_eq!(
         config.global,
         Global {
@@ -164,7 +223,8 @@ fn minimal_fixture_gets_the_defaults() {
     assert_eq!(s.overflow, Overflow::Hold);
     assert_eq!(s.rate, None);
     assert!(s.access.is_empty());
-    assert_eq!(s.credentials, None);
+    let creds = s.credentials.as_ref().expect("minimal.toml sets user");
+    assert_eq!(creds.user, "nobody");
     assert!(!s.allow_root);
     assert!(s.env.is_empty());
     assert_eq!(*s.pass_env, *DEFAULT_PASS_ENV);
@@ -289,7 +349,7 @@ fn example_fixture_values() {
     assert_eq!(unix.program, Path::new("/bin/cat"));
     assert_eq!(
         unix.listen[0].addr,
-        ListenAddr::Unix("/run/superserver/cat.sock".into())
+        ListenAddr::Unix("/run/superserver-cat.sock".into())
     );
     assert_eq!(
         unix.unix_socket,
