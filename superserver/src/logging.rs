@@ -59,7 +59,11 @@ static LOGGER: OnceLock<Logger> = OnceLock::new();
 /// does nothing.
 pub fn init() {
     let journal = stderr_is_journal();
-    let style = if journal { Style::Journal } else { Style::Plain };
+    let style = if journal {
+        Style::Journal
+    } else {
+        Style::Plain
+    };
     let (filter, ignored) = Filter::parse(std::env::var("RUST_LOG").ok().as_deref());
     let logger = Logger {
         filter,
@@ -256,7 +260,11 @@ impl Filter {
                 },
                 None => match item.parse() {
                     Ok(level) => filter.default = level,
-                    Err(_) if item.chars().all(|c| c.is_alphanumeric() || "_:".contains(c)) => {
+                    Err(_)
+                        if item
+                            .chars()
+                            .all(|c| c.is_alphanumeric() || "_:".contains(c)) =>
+                    {
                         filter.modules.push((item.to_string(), LevelFilter::Trace))
                     }
                     Err(_) => ignored.push(item.to_string()),
@@ -597,7 +605,10 @@ mod tests {
     fn rust_log_levels_and_module_filters() {
         let p = |s: &str| Filter::parse(Some(s));
         let (f, ign) = Filter::parse(None);
-        assert_eq!((f.default, f.max(), ign.len()), (LevelFilter::Info, LevelFilter::Info, 0));
+        assert_eq!(
+            (f.default, f.max(), ign.len()),
+            (LevelFilter::Info, LevelFilter::Info, 0)
+        );
         let (f, _) = p("debug");
         assert_eq!(f.level_for("superserver::daemon"), LevelFilter::Debug);
         let (f, _) = p("WARN");
@@ -713,7 +724,10 @@ mod tests {
         assert!(!b.pending());
         assert_eq!(
             fake.text(),
-            format!("{}<4>logging: 4 lines dropped (log reader too slow)\n", line(0))
+            format!(
+                "{}<4>logging: 4 lines dropped (log reader too slow)\n",
+                line(0)
+            )
         );
     }
 
