@@ -473,7 +473,12 @@ fn stderr_is_journal() -> bool {
     let Some(st) = fstat(2) else {
         return false;
     };
-    journal_stream_matches(&value.to_string_lossy(), st.st_dev as u64, st.st_ino as u64)
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "dev_t and ino_t are not u64 on every target"
+    )]
+    let (dev, ino) = (st.st_dev as u64, st.st_ino as u64);
+    journal_stream_matches(&value.to_string_lossy(), dev, ino)
 }
 
 /// `JOURNAL_STREAM` is `DEVICE:INODE`, both decimal.
