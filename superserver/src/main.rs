@@ -3,6 +3,7 @@
 mod children;
 mod cli;
 mod daemon;
+mod filter;
 mod limits;
 mod logging;
 mod notify;

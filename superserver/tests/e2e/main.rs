@@ -3,6 +3,7 @@
 mod harness;
 
 mod cli;
+mod logging;
 mod nowait;
 mod reload;
 mod sockets;
