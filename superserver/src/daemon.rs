@@ -30,7 +30,7 @@ use crate::children::{self, Child, Children, Exit, Kind};
 use crate::limits::{self, SourceCounts, TokenBucket};
 use crate::sockets::{self, Bound, Pool};
 use crate::spawn::{Fds, Template};
-use crate::{notify, plan};
+use crate::{filter, logging, notify, plan};
 
 const SIGNALS: Token = Token(0);
 /// A wait-mode child that ends this quickly, leaving its socket readable, did not do its job.
@@ -192,7 +192,7 @@ impl<S: Source> Daemon<S> {
                 };
                 svc.slots[i].bound = Some(bound);
             }
-            prepare_sockets(&svc);
+            prepare_sockets(&mut svc);
             daemon.services.push(svc);
         }
         let leftovers = pool.drain();
@@ -264,10 +264,15 @@ impl<S: Source> Daemon<S> {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(256);
         loop {
-            let timeout = self
+            let mut timeout = self
                 .timers
                 .peek()
                 .map(|Reverse((at, _))| at.saturating_duration_since(Instant::now()));
+            // Log lines the reader has not taken yet are retried without ever blocking.
+            if logging::pending() {
+                let t = logging::FLUSH_INTERVAL;
+                timeout = Some(timeout.map_or(t, |d| d.min(t)));
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -286,8 +291,10 @@ impl<S: Source> Daemon<S> {
                 }
             }
             self.fire_timers();
+            logging::flush();
             if self.shutdown_deadline.is_some() && self.children.is_empty() {
                 log::info!("all children have exited; bye");
+                logging::flush();
                 return Ok(());
             }
         }
@@ -879,6 +886,7 @@ impl<S: Source> Daemon<S> {
                 next.push((svc, true));
             } else {
                 svc.def = def;
+                prepare_sockets(&mut svc); // allow/deny may have changed
                 next.push((svc, false));
             }
         }
@@ -912,7 +920,7 @@ impl<S: Source> Daemon<S> {
         for (mut svc, needs) in next {
             if needs {
                 self.fill_slots(&mut svc, &mut pool);
-                prepare_sockets(&svc);
+                prepare_sockets(&mut svc);
             }
             self.services.push(svc);
         }
@@ -981,7 +989,7 @@ impl<S: Source> Daemon<S> {
         let mut svc = self.services.remove(i);
         let mut pool = Pool::default();
         self.fill_slots(&mut svc, &mut pool);
-        prepare_sockets(&svc);
+        prepare_sockets(&mut svc);
         self.services.insert(i, svc);
     }
 
@@ -1050,19 +1058,34 @@ fn deregister(registry: &mio::Registry, svc: &mut Svc) {
     svc.armed = false;
 }
 
-/// Set each socket's blocking mode for how it will be used: nowait listeners are accepted on
-/// here and must not block; wait-mode sockets are handed to services, which expect blocking
-/// sockets as systemd passes them (`O_NONBLOCK` is shared by every copy of the socket).
-fn prepare_sockets(svc: &Svc) {
-    for (slot, listen) in svc.slots.iter().zip(&svc.def.listen) {
-        if let Some(b) = &slot.bound
-            && let Err(e) = b.socket.set_nonblocking(svc.def.mode == Mode::Nowait)
-        {
+/// Set each socket up for how it will be used. Blocking mode: nowait listeners are accepted
+/// on here and must not block; wait-mode sockets are handed to services, which expect
+/// blocking sockets as systemd passes them (`O_NONBLOCK` is shared by every copy of the
+/// socket). Access rules: a wait-mode socket carries them as a kernel socket filter, since
+/// the service, not the superserver, accepts (nowait checks each peer after `accept`, so its
+/// sockets carry none). A socket whose filter cannot be attached is closed rather than handed
+/// over unfiltered.
+fn prepare_sockets(svc: &mut Svc) {
+    let wait = svc.def.mode == Mode::Wait;
+    let none = superserver_config::AccessRules::default();
+    let rules = if wait { &svc.def.access } else { &none };
+    for (slot, listen) in svc.slots.iter_mut().zip(&svc.def.listen) {
+        let Some(b) = &slot.bound else { continue };
+        if let Err(e) = b.socket.set_nonblocking(!wait) {
             log::warn!(
                 "{}: {}: cannot set O_NONBLOCK: {e}",
                 svc.def.name,
                 listen.addr
             );
+        }
+        if let Err(e) = filter::attach(b.fd(), rules) {
+            log::error!(
+                "{}: {}: cannot attach the allow/deny socket filter: {e}; not serving this \
+                 socket",
+                svc.def.name,
+                listen.addr
+            );
+            slot.bound = None;
         }
     }
 }

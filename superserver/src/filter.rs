@@ -32,10 +32,6 @@ const DROP: u32 = 0;
 /// `Err` when the rules need more instructions than the kernel accepts (`BPF_MAXINSNS`,
 /// `InvalidInput`, with the counts in the message) or a system call failed (`EPERM` if a
 /// locked filter is already attached: see [`lock`]). The filter is not locked.
-#[allow(
-    dead_code,
-    reason = "called for wait-mode sockets once daemon.rs wires it"
-)]
 pub fn attach(fd: RawFd, rules: &AccessRules) -> io::Result<()> {
     let domain = sockopt_int(fd, libc::SO_DOMAIN)?;
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
@@ -98,10 +94,7 @@ pub fn attach(fd: RawFd, rules: &AccessRules) -> io::Result<()> {
 /// neither the service nor the superserver can change the filter (a reload that changes the
 /// rules must then bind a new socket), and a service that attaches filters of its own gets
 /// `EPERM`. Not used by default.
-#[allow(
-    dead_code,
-    reason = "optional; see the README on wait-mode access rules"
-)]
+#[cfg(test)]
 pub fn lock(fd: RawFd) -> io::Result<()> {
     let one = 1 as libc::c_int;
     // SAFETY: setsockopt(2) with a valid int.

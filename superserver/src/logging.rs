@@ -47,7 +47,6 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 pub const BACKLOG: usize = 64 * 1024;
 
 /// While [`pending`] is true, the event loop should call [`flush`] at least this often.
-#[allow(dead_code, reason = "called by the event loop once daemon.rs wires it")]
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The most we hand to one write(2): atomic on a pipe, and guaranteed to fit after `POLLOUT`.
@@ -82,7 +81,6 @@ pub fn init() {
 
 /// True when stderr is the journald stream named by `JOURNAL_STREAM` (its `dev:ino` matches
 /// fstat(2) of fd 2). Children should get `JOURNAL_STREAM` only then.
-#[allow(dead_code, reason = "called by the event loop once daemon.rs wires it")]
 pub fn journald() -> bool {
     match LOGGER.get() {
         Some(l) => l.journal,
@@ -92,14 +90,12 @@ pub fn journald() -> bool {
 
 /// True when lines wait in the backlog (or a dropped-lines notice is due): the event loop
 /// should then wake up within [`FLUSH_INTERVAL`] and call [`flush`].
-#[allow(dead_code, reason = "called by the event loop once daemon.rs wires it")]
 pub fn pending() -> bool {
     LOGGER.get().is_some_and(|l| l.lock().pending())
 }
 
 /// Write as much of the backlog as stderr takes now, without blocking. Cheap when nothing is
 /// pending; call it after each iteration of the event loop.
-#[allow(dead_code, reason = "called by the event loop once daemon.rs wires it")]
 pub fn flush() {
     if let Some(l) = LOGGER.get() {
         l.lock().drain();
@@ -884,9 +880,4 @@ mod tests {
         }
         read_some(fd, 65536)
     }
-}
-
-/// True when stderr is journald's stream (`JOURNAL_STREAM` names it).
-pub fn journald() -> bool {
-    std::env::var_os("JOURNAL_STREAM").is_some()
 }

@@ -26,13 +26,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use superserver_config::{Limits, Service};
+use superserver_config::{Limits, MAX_WAIT_SOCKETS, Service};
 
 use crate::program::{Exec, Identity, Program};
 
 /// The most sockets one wait-mode service can be handed (the child moves them with a fixed,
 /// allocation-free table); the configuration refuses more.
-const MAX_FDS: usize = 256;
+const MAX_FDS: usize = MAX_WAIT_SOCKETS;
 
 /// What a spawned child gets as file descriptors.
 pub enum Fds<'a> {
