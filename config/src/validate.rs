@@ -648,20 +648,35 @@ impl Validator<'_> {
             }
         }
 
-        let credentials = self.credentials(s, raw.user.as_ref(), raw.group.as_ref());
+        // `user_if_root` is `user` for a root superserver; an unprivileged one runs the
+        // service as itself (it could not switch anyway).
+        let user = match (&raw.user, &raw.user_if_root) {
+            (Some(_), Some(u)) => {
+                self.error(
+                    u.span(),
+                    s.key("user_if_root"),
+                    "user and user_if_root exclude each other; keep one",
+                );
+                raw.user.as_ref()
+            }
+            (None, Some(u)) => self.opts.running_as_root.then_some(u),
+            (u, None) => u.as_ref(),
+        };
+        let credentials = self.credentials(s, user, raw.group.as_ref());
         let allow_root = raw.allow_root.unwrap_or(false);
         if let Some(credentials) = &credentials {
             let as_root = credentials.as_ref().is_none_or(|c| c.uid == 0);
             if self.opts.running_as_root && as_root && !allow_root && !s.removed("allow_root") {
-                let (span, key) = match &raw.user {
+                let (span, key) = match user {
                     Some(u) => (u.span(), s.key("user")),
                     None => (s.span.clone(), s.path.to_owned()),
                 };
                 self.error(
                     span,
                     key,
-                    "refusing to run service as root; set user = \"nobody\" (or another user) \
-                     or allow_root = true",
+                    "refusing to run service as root; set user = \"nobody\" (or another user), \
+                     user_if_root = \"nobody\" (that user when the superserver is root, itself \
+                     otherwise) or allow_root = true",
                 );
             }
         }

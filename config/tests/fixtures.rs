@@ -391,7 +391,7 @@ user = "nobody"
         running_as_root: true,
     };
     let err = parse_str(text, origin, &as_root).unwrap_err().to_string();
-    let hint = "refusing to run service as root; set user = \"nobody\" (or another user) or allow_root = true";
+    let hint = "refusing to run service as root; set user = \"nobody\" (or another user), user_if_root = \"nobody\" (that user when the superserver is root, itself otherwise) or allow_root = true";
     assert_eq!(
         err,
         format!(
@@ -401,6 +401,35 @@ user = "nobody"
     // Not root: no service can become root, and another user is accepted at load.
     let config = parse_str(text, origin, &LoadOptions::default()).unwrap();
     assert_eq!(config.services.len(), 4);
+}
+
+#[test]
+fn user_if_root_is_the_user_for_root_and_nobody_else() {
+    let text = r#"
+[service.small]
+exec = ["cat"]
+listen = "127.0.0.1:7007"
+user_if_root = "nobody"
+"#;
+    let origin = Path::new("u.toml");
+    let as_root = LoadOptions {
+        exe_dir: None,
+        running_as_root: true,
+    };
+    let root = parse_str(text, origin, &as_root).unwrap();
+    let creds = root.services[0]
+        .credentials
+        .as_ref()
+        .expect("runs as nobody");
+    assert_eq!(creds.user, "nobody");
+    let user = parse_str(text, origin, &LoadOptions::default()).unwrap();
+    assert!(user.services[0].credentials.is_none(), "runs as itself");
+    let both = format!("{text}user = \"nobody\"\n");
+    let err = parse_str(&both, origin, &as_root).unwrap_err().to_string();
+    assert!(
+        err.contains("service.small.user_if_root: user and user_if_root exclude each other"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -22,12 +22,53 @@ pub fn service_line(s: &Service) -> String {
     )
 }
 
-/// The whole plan, one service per line.
+/// How a service's processes run: "runs /usr/bin/x as nobody (uid 65534, gid 65534); rate
+/// 50/1.0s; max_per_source 4; nofile 1024". The superserver's own user is named as such.
+pub fn run_line(s: &Service) -> String {
+    let who = match &s.credentials {
+        Some(c) => format!("{} (uid {}, gid {})", c.user, c.uid, c.gid),
+        None => format!(
+            "the superserver's user ({})",
+            crate::program::Identity::current().name
+        ),
+    };
+    let mut parts = vec![format!("runs {} as {who}", s.program.display())];
+    if let Some(r) = s.rate {
+        parts.push(format!(
+            "rate {}/{}",
+            r.count,
+            crate::children::human(r.per)
+        ));
+    }
+    if let Some(p) = s.per_source {
+        parts.push(format!("max_per_source {}", p.max));
+    }
+    if let Some(n) = s.limits.nofile {
+        parts.push(format!("limit_nofile {n}"));
+    }
+    if let Some(n) = s.limits.nproc {
+        parts.push(format!("limit_nproc {n}"));
+    }
+    if let Some(m) = s.umask {
+        parts.push(format!("umask {m:03o}"));
+    }
+    if let Some(d) = &s.working_directory {
+        parts.push(format!("in {}", d.display()));
+    }
+    if !s.access.is_empty() {
+        parts.push("allow/deny rules".to_string());
+    }
+    parts.join("; ")
+}
+
+/// The whole plan: one line per service, and one on how its processes run.
 pub fn describe(config: &Config) -> String {
     let mut out = String::new();
     for s in &config.services {
         out.push_str("  ");
         out.push_str(&service_line(s));
+        out.push_str("\n      ");
+        out.push_str(&run_line(s));
         out.push('\n');
     }
     out

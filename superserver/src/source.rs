@@ -64,13 +64,8 @@ impl Source for ConfigSource {
         match &self.path {
             Some(p) => superserver_config::load(p, &self.options),
             None => {
-                // Run as root, the default serves as `nobody` rather than as root.
-                let text = if self.options.running_as_root {
-                    DEFAULT.replace("[service.small]\n", "[service.small]\nuser = \"nobody\"\n")
-                } else {
-                    DEFAULT.to_string()
-                };
-                superserver_config::parse_str(&text, Path::new(DEFAULT_ORIGIN), &self.options)
+                let text = DEFAULT;
+                superserver_config::parse_str(text, Path::new(DEFAULT_ORIGIN), &self.options)
             }
         }
     }

@@ -182,12 +182,21 @@ impl Template {
             }
             None => me.clone(),
         };
-        let change = who.uid != me.uid || who.gid != me.gid || who.groups != me.groups;
+        // The primary group counts as a member of the supplementary list or not: the same
+        // access either way.
+        let others = |id: &Identity| -> Vec<libc::gid_t> {
+            id.groups.iter().copied().filter(|g| *g != id.gid).collect()
+        };
+        let change = who.uid != me.uid || who.gid != me.gid || others(&who) != others(me);
         if change && !may_change_credentials() {
             let what = if who.uid != me.uid {
                 format!("user {} (uid {})", who.name, who.uid)
             } else {
-                format!("group {} and its supplementary groups", who.gid)
+                format!(
+                    "group {} with supplementary groups {:?}",
+                    who.gid,
+                    others(&who)
+                )
             };
             return Err(format!(
                 "cannot run as {what}: the superserver runs as {} (uid {}) and may not change \
@@ -514,10 +523,6 @@ impl Template {
             if let Some(mask) = self.umask {
                 libc::umask(mask);
             }
-            let cwd = self.cwd.as_deref().unwrap_or(c"/");
-            if libc::chdir(cwd.as_ptr()) != 0 {
-                fail(Step::Chdir);
-            }
             // Privileges last, in the only safe order: groups, gid, uid; and only when they
             // change something.
             if let Some(&(uid, gid, _)) = self.creds.as_deref() {
@@ -530,6 +535,12 @@ impl Template {
                 if libc::syscall(libc::SYS_setuid, uid) != 0 {
                     fail(Step::Setuid);
                 }
+            }
+            // The working directory is entered as the service's user: a directory it may not
+            // enter is an error, not a way in.
+            let cwd = self.cwd.as_deref().unwrap_or(c"/");
+            if libc::chdir(cwd.as_ptr()) != 0 {
+                fail(Step::Chdir);
             }
             if program_fd >= 0 {
                 libc::syscall(

@@ -3,6 +3,7 @@
 mod harness;
 
 mod cli;
+mod first_run;
 mod logging;
 mod nowait;
 mod reload;
