@@ -84,9 +84,6 @@ struct Svc {
     holding: bool,
     /// Sockets that could not be bound at reload, retried with back-off.
     bind_retry: Option<(Instant, Duration)>,
-    /// Wait mode: the running process was asked to exit because a reload changed its
-    /// sockets; its exit is not a failure.
-    restarting: bool,
 }
 
 impl Svc {
@@ -248,7 +245,6 @@ impl<S: Source> Daemon<S> {
             pause_until: None,
             holding: false,
             bind_retry: None,
-            restarting: false,
         }
     }
 
@@ -722,18 +718,25 @@ impl<S: Source> Daemon<S> {
                     return;
                 };
                 let svc = &mut self.services[i];
-                if svc.wait_child == Some(exit.pid) {
-                    svc.wait_child = None;
+                if svc.wait_child != Some(exit.pid) {
+                    // A process replaced after a reload changed its sockets.
+                    log::info!(
+                        "{}: pid {} (replaced by a reload) {} after {}",
+                        svc.def.name,
+                        exit.pid,
+                        exit.describe(),
+                        children::human(exit.runtime)
+                    );
+                    return;
                 }
-                let restarting = std::mem::take(&mut svc.restarting);
+                svc.wait_child = None;
                 let fds: Vec<RawFd> = svc
                     .slots
                     .iter()
                     .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
                     .collect();
                 let pending = any_readable(&fds);
-                let failed =
-                    !restarting && (!exit.success() || (exit.runtime < QUICK_EXIT && pending));
+                let failed = !exit.success() || (exit.runtime < QUICK_EXIT && pending);
                 let head = format!(
                     "{}: pid {} {} after {}",
                     svc.def.name,
@@ -865,15 +868,15 @@ impl<S: Source> Daemon<S> {
                     }
                 }
                 // A running wait-mode process holds the old set of sockets: ask it to drain
-                // and exit; the next connection starts it with the new set. Connections
-                // queued on an address that stays wait in its kernel backlog meanwhile.
-                if let Some(pid) = svc.wait_child {
+                // and exit, and let the next connection start a new one with the new set
+                // right away (the old one stops accepting on SIGTERM; what it accepted it
+                // serves). Connections queued on an address that stays are not lost.
+                if let Some(pid) = svc.wait_child.take() {
                     log::info!(
-                        "{}: its sockets changed; SIGTERM to pid {pid} so that it restarts with \
-                         the new set",
+                        "{}: its sockets changed; SIGTERM to pid {pid} to drain, the next \
+                         connection starts it with the new set",
                         def.name
                     );
-                    svc.restarting = true;
                     signal_group(pid, libc::SIGTERM);
                 }
                 svc.def = def;

@@ -124,3 +124,54 @@ fn reload_applies_a_diff_under_load_without_refusing_anyone() {
         "the unchanged process kept running"
     );
 }
+
+/// A reload that adds an address to a running wait-mode service, and changes its socket
+/// options, is in effect at once: the running process (busy with a client that stays) is
+/// asked to drain, the next connection to the new address starts a new process with the new
+/// set, the old client is still served, and the kept Unix socket gets its new mode.
+#[test]
+fn a_running_wait_service_gets_its_new_sockets_at_once() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let (first, first_addr) = tcp_listener("127.0.0.1");
+    let second_port = probe_port("127.0.0.73");
+    let config = |extra: &str, mode: &str| {
+        format!(
+            "[service.echo]\nexec = [\"{{SMALL}}\", \"--idle-timeout=60s\", \"--protocol\", \"echo\"]\nlisten = [\"{first_addr}\", \"unix:{{DIR}}/echo.sock\"{extra}]\nsocket_mode = \"{mode}\"\nbacklog = 128\n"
+        )
+    };
+    let server = Server::start(&config("", "0600"), vec![first]);
+    let sock = server.dir.path().join("echo.sock");
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&sock), 0o600);
+    // A client that stays connected keeps the first process busy.
+    let mut busy = std::net::TcpStream::connect(first_addr).unwrap();
+    busy.write_all(b"one\n").unwrap();
+    let mut reader = BufReader::new(busy.try_clone().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "one\n");
+    let first_pid = server.wait_log("echo: started pid");
+
+    server.reload(&config(&format!(", \"127.0.0.73:{second_port}\""), "0660"));
+    server.wait_log("its sockets changed; SIGTERM to pid");
+    let t0 = std::time::Instant::now();
+    let second: SocketAddr = format!("127.0.0.73:{second_port}").parse().unwrap();
+    assert_eq!(echo(second, "two").unwrap(), "two");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(2),
+        "the new address answered after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(server.count_log("echo: started pid"), 2, "{first_pid}");
+    assert_eq!(
+        mode(&sock),
+        0o660,
+        "socket_mode re-applied to the kept socket"
+    );
+    // The old process still serves the client it had.
+    busy.write_all(b"still\n").unwrap();
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, "still\n");
+}
