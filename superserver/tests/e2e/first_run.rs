@@ -244,3 +244,64 @@ fn check_into_a_closed_pipe_exits_quietly() {
         assert!(!err.contains("panicked"), "{flag}: {err}");
     }
 }
+
+/// Every TOML block of the README passes `--check` as root and as an ordinary user, and
+/// serves for both (started in a private network namespace, it reports ready and stops
+/// cleanly).
+#[test]
+fn every_config_the_readme_shows_checks_and_serves_as_root_and_not() {
+    if !is_root() {
+        eprintln!("skipped: needs root (to become another user)");
+        return;
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut blocks = Vec::new();
+    let mut current: Option<String> = None;
+    for line in readme.lines() {
+        match (&mut current, line.trim_end()) {
+            (None, "```toml") => current = Some(String::new()),
+            (Some(_), "```") => blocks.push(current.take().unwrap()),
+            (Some(text), _) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            _ => {}
+        }
+    }
+    assert!(!blocks.is_empty(), "the README shows no configuration");
+    let (top, release) = private_checkout(NOBODY);
+    let dir = top.path().join("home/x");
+    for (n, text) in blocks.iter().enumerate() {
+        let file = dir.join(format!("readme-{n}.toml"));
+        std::fs::write(&file, text).unwrap();
+        std::os::unix::fs::chown(&file, Some(NOBODY), Some(NOBODY)).unwrap();
+        for uid in [None, Some(NOBODY)] {
+            let prefix = match uid {
+                Some(u) => format!("setpriv --reuid={u} --regid={u} --clear-groups "),
+                None => String::new(),
+            };
+            let script = format!(
+                r#"
+cd {dir}
+{prefix}{bin} --check {file} >check.out 2>&1; echo "check: $?"
+{prefix}{bin} --config {file} 2>server.log &
+pid=$!
+for i in $(seq 200); do grep -q 'ready' server.log 2>/dev/null && break; sleep 0.05; done
+grep -q 'ready' server.log && echo serving
+kill -TERM $pid; wait $pid; echo "exit: $?"
+cat check.out server.log >&2
+"#,
+                dir = dir.display(),
+                bin = release.join("superserver").display(),
+                file = file.display()
+            );
+            let (_, out, err) = in_netns(&script);
+            let who = if uid.is_some() { "nobody" } else { "root" };
+            assert!(
+                out.contains("check: 0") && out.contains("serving") && out.contains("exit: 0"),
+                "README block {n} as {who}:\n{text}\n{out}\n{err}"
+            );
+        }
+    }
+}

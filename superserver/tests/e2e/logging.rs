@@ -42,7 +42,7 @@ fn a_stalled_log_reader_never_stalls_the_services_and_drops_are_reported() {
         &config,
         format!(
             "[service.echo]\nmode = \"nowait\"\nexec = [\"{}\", \"--inetd\", \"echo\"]\n\
-             listen = \"{addr}\"\ndeny = [\"127.0.0.2\"]\nallow_root = true\n\
+             listen = \"{addr}\"\nallow_root = true\n\
              env = {{ RUST_LOG = \"off\" }}\n",
             small_services_bin().display()
         ),
@@ -84,10 +84,11 @@ fn a_stalled_log_reader_never_stalls_the_services_and_drops_are_reported() {
         assert!(Instant::now() < deadline, "no ready line");
     }
 
-    // Each refused connection logs a line of about 75 bytes: 4000 of them are about 300 KB,
-    // far more than the pipe and the logger's backlog hold together.
+    // Each connection logs two lines of about 90 bytes (its start at debug level, its exit;
+    // refusals would be one line a second): 1500 of them are about 270 KB, far more than the
+    // pipe and the logger's backlog hold together.
     let mut slowest = Duration::ZERO;
-    for i in 0..4000 {
+    for i in 0..1500 {
         drop(connect_from("127.0.0.2", addr).unwrap());
         if i % 250 == 249 {
             let start = Instant::now();
@@ -95,7 +96,7 @@ fn a_stalled_log_reader_never_stalls_the_services_and_drops_are_reported() {
             assert_eq!(
                 answer.as_deref().ok(),
                 Some(format!("ping {i}").as_str()),
-                "no prompt answer after {} refused connections with the log reader stalled: {answer:?}",
+                "no prompt answer after {} connections with the log reader stalled: {answer:?}",
                 i + 1
             );
             slowest = slowest.max(start.elapsed());
