@@ -889,7 +889,10 @@ impl<S: Source> Daemon<S> {
                 next.push((svc, true));
             } else {
                 svc.def = def;
-                prepare_sockets(&mut svc); // allow/deny may have changed
+                // allow/deny may have changed. The blocking mode stays: a running wait-mode
+                // process shares it (O_NONBLOCK belongs to the open socket, not to our fd),
+                // and switching its non-blocking listeners to blocking would hang its accept.
+                attach_filters(&mut svc);
                 next.push((svc, false));
             }
         }
@@ -1070,17 +1073,31 @@ fn deregister(registry: &mio::Registry, svc: &mut Svc) {
 /// over unfiltered.
 fn prepare_sockets(svc: &mut Svc) {
     let wait = svc.def.mode == Mode::Wait;
-    let none = superserver_config::AccessRules::default();
-    let rules = if wait { &svc.def.access } else { &none };
     for (slot, listen) in svc.slots.iter_mut().zip(&svc.def.listen) {
-        let Some(b) = &slot.bound else { continue };
-        if let Err(e) = b.socket.set_nonblocking(!wait) {
+        let Some(b) = &mut slot.bound else { continue };
+        if let Err(e) = b.set_nonblocking(!wait) {
             log::warn!(
                 "{}: {}: cannot set O_NONBLOCK: {e}",
                 svc.def.name,
                 listen.addr
             );
         }
+    }
+    attach_filters(svc);
+}
+
+/// Put the service's allow/deny rules on its wait-mode sockets as a kernel socket filter (and
+/// none on nowait sockets, whose peers the superserver checks itself). A socket whose filter
+/// cannot be attached is closed rather than served unfiltered.
+fn attach_filters(svc: &mut Svc) {
+    let none = superserver_config::AccessRules::default();
+    let rules = if svc.def.mode == Mode::Wait {
+        &svc.def.access
+    } else {
+        &none
+    };
+    for (slot, listen) in svc.slots.iter_mut().zip(&svc.def.listen) {
+        let Some(b) = &slot.bound else { continue };
         if let Err(e) = filter::attach(b.fd(), rules) {
             log::error!(
                 "{}: {}: cannot attach the allow/deny socket filter: {e}; not serving this \

@@ -23,12 +23,26 @@ pub struct Bound {
     /// with the device and inode it had: only that file is ever removed. `None` for IP
     /// sockets and for inherited Unix sockets (whose file belongs to the launcher).
     owned_path: Option<(PathBuf, (u64, u64))>,
+    /// The blocking mode this process last set (`None`: never set).
+    nonblocking: Option<bool>,
 }
 
 impl Bound {
     /// The raw fd, for polling and handing over.
     pub fn fd(&self) -> RawFd {
         self.socket.as_raw_fd()
+    }
+
+    /// Make the socket (non-)blocking, unless we already did. `O_NONBLOCK` belongs to the open
+    /// socket and so is shared with a service that holds it: a running wait-mode service
+    /// that made its listeners non-blocking must never see them turned blocking under it
+    /// (its next `accept` on an empty queue would hang), so the mode is set once per use.
+    pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
+        if self.nonblocking != Some(on) {
+            self.socket.set_nonblocking(on)?;
+            self.nonblocking = Some(on);
+        }
+        Ok(())
     }
 }
 
@@ -103,6 +117,7 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
                 addr: addr.clone(),
                 socket,
                 owned_path: None,
+                nonblocking: None,
             })
         }
         ListenAddr::Unix(path) => {
@@ -111,6 +126,7 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
                 addr: addr.clone(),
                 socket,
                 owned_path: Some((path.clone(), id)),
+                nonblocking: None,
             };
             bound.socket.listen(backlog).map_err(fail)?;
             Ok(bound)
@@ -518,6 +534,7 @@ impl Pool {
                 addr: addr.clone(),
                 socket,
                 owned_path: None,
+                nonblocking: None,
             };
             if wanted.iter().any(|l| l.addr == addr) {
                 self.sockets.insert(addr, bound);
