@@ -48,6 +48,14 @@ Where the sockets come from (first match wins):
 Idle exit: after --idle-timeout with no connection open and none new (UDP: no datagram), stop
 polling the listeners first, then exit 0. Connections that arrive meanwhile stay in the kernel
 queue for the next activation; a passed socket is never shut down or unlinked.
+Exiting only saves something if the next client starts us again, so the default depends on
+who started us (the startup line `idle exit: ...` says which applies):
+  8s     LISTEN_PID is our pid (systemd, the superserver re-arm the socket), or a listening
+         socket on stdin (inetd/xinetd `wait`)
+  never  LISTEN_PID unset (systemfd --no-pid: nobody re-arms, an exit ends the dev loop),
+         sockets bound with --listen, or one connection (--inetd, Accept=yes)
+  An explicit --idle-timeout always wins. systemd-socket-activate sets LISTEN_PID but starts
+  us only once: give it --idle-timeout 0 to keep serving.
 SIGTERM/SIGINT: stop accepting, let open connections finish for --shutdown-grace, exit 0
 (a second signal exits at once). With NOTIFY_SOCKET set, sends READY=1 and STOPPING=1.
 
@@ -95,8 +103,10 @@ pub struct Args {
     #[arg(long, value_name = "PROTO")]
     pub inetd: Option<Protocol>,
 
-    /// Exit 0 after this long without connections or datagrams; 0 = never. Default: 8s for
-    /// passed-in sockets and stdin, never when binding ourselves. Seconds or 500ms, 1m, ...
+    /// Exit 0 after this long without connections or datagrams; 0 = never. Default: 8s when
+    /// a launcher will start us again (LISTEN_PID is our pid, or a listening socket on stdin),
+    /// else never (no LISTEN_PID, e.g. systemfd --no-pid; or sockets bound ourselves). Seconds
+    /// or 500ms, 1m, ...
     #[arg(long, value_name = "DURATION", env = "SMALL_SERVICES_IDLE_TIMEOUT", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
 

@@ -193,6 +193,67 @@ fn bad_listen_fds_value_is_rejected() {
     assert!(child.stderr().contains("LISTEN_FDS"), "{}", child.stderr());
 }
 
+/// `LISTEN_FDS=2147483647` used to allocate until the OOM killer came: now refused at once,
+/// naming the variable, before anything proportional to the count is allocated.
+#[test]
+fn absurd_listen_fds_is_refused_at_once() {
+    for pid in [Pid::Own, Pid::Unset] {
+        let t0 = Instant::now();
+        let mut child = Launch::service().pid(pid).listen_fds("2147483647").spawn();
+        child.assert_exit(3, DEADLINE);
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t0.elapsed()
+        );
+        let stderr = child.stderr();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("error: inherited sockets: LISTEN_FDS=2147483647")
+                && stderr.contains("RLIMIT_NOFILE"),
+            "{stderr}"
+        );
+    }
+}
+
+/// The default idle exit needs a launcher that starts us again: `LISTEN_PID` naming us
+/// (systemd, the superserver). Without it (systemfd --no-pid) the default is never; an
+/// explicit --idle-timeout wins.
+#[test]
+fn idle_default_depends_on_listen_pid() {
+    let l = tcp_listener();
+    let addr = l.local_addr().unwrap();
+    let child = Launch::service()
+        .fd(&l)
+        .pid(Pid::Unset)
+        .names("echo")
+        .spawn();
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(
+        line.contains("idle exit: never (default: LISTEN_PID not set"),
+        "{line}"
+    );
+    assert_eq!(request(addr, b"no pid"), b"no pid");
+    drop(child);
+
+    let child = Launch::service().fd(&l).names("echo").spawn();
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(
+        line.contains("idle exit: 8s (default: LISTEN_PID is ours"),
+        "{line}"
+    );
+    drop(child);
+
+    let child = Launch::service()
+        .fd(&l)
+        .pid(Pid::Unset)
+        .names("echo")
+        .args(["--idle-timeout", "3s"])
+        .spawn();
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(line.contains("idle exit: 3s (--idle-timeout)"), "{line}");
+}
+
 #[test]
 fn listen_pid_of_another_process_is_ignored() {
     let l = tcp_listener();
@@ -617,21 +678,19 @@ fn systemfd_starts_it() {
 
 #[test]
 fn systemfd_without_names_serves_by_port() {
-    // The README's command: no fd name, no --protocol; port 7013 means daytime.
+    // The README's command: no fd name, no --protocol, no --idle-timeout; port 7013 means
+    // daytime, and without LISTEN_PID nobody re-arms the socket, so no idle exit by default.
     let systemfd = tool("systemfd");
     let child = Launch::program(&systemfd)
         .group()
-        .args([
-            "--no-pid",
-            "-s",
-            "tcp::127.0.0.113:7013",
-            "--",
-            BIN,
-            "--idle-timeout",
-            "0",
-        ])
+        .args(["--no-pid", "-s", "tcp::127.0.0.113:7013", "--", BIN])
         .spawn();
     child.wait_line("listening: unknown (daytime)", DEADLINE);
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(
+        line.contains("idle exit: never (default: LISTEN_PID not set"),
+        "{line}"
+    );
     let reply = request("127.0.0.113:7013".parse().unwrap(), b"");
     assert!(
         reply.ends_with(b"\r\n") && reply.len() > 10,
