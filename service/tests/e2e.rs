@@ -120,6 +120,56 @@ fn every_protocol_over_udp() {
     assert_eq!(ask(0, b"after"), b"after");
 }
 
+/// One datagram from one of our own echo sockets to another used to start an endless
+/// echo-to-echo ping-pong (100% CPU, never idle). Now it is dropped, and the idle exit comes.
+#[test]
+fn udp_datagram_from_our_own_socket_does_not_loop() {
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut child = Launch::service()
+        .fd(&a)
+        .fd(&b)
+        .names("echo:echo")
+        .args(["--idle-timeout", "500ms"])
+        .spawn();
+    child.wait_line("idle exit: 500ms", DEADLINE);
+    // What a spoofed datagram does: source is our own echo socket `b` (the test holds a copy).
+    b.send_to(b"loop?", a.local_addr().unwrap()).unwrap();
+    child.assert_exit(0, DEADLINE);
+    let stderr = child.stderr();
+    assert!(stderr.contains("idle for"), "{stderr}");
+    assert!(stderr.contains("dropped datagram from"), "{stderr}");
+}
+
+/// A datagram from another small service's port (chargen at 7019 here) is not answered: two
+/// small services, on one host or two, would otherwise answer each other forever.
+#[test]
+fn udp_datagram_from_a_small_service_port_is_not_answered() {
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let _child = Launch::service().fd(&echo).names("echo").spawn();
+    // A loopback address of our own for the source, so no other test's port 7019 is in the way.
+    let spoof = (1..=250u8)
+        .find_map(|i| UdpSocket::bind(("127.19.7.".to_owned() + &i.to_string(), 7019)).ok())
+        .expect("a free 127.19.7.x:7019");
+    spoof
+        .send_to(b"chargen says hi", echo.local_addr().unwrap())
+        .unwrap();
+    // A real client after it: datagrams are served in order, so once its echo is back any
+    // answer to the first one would already be queued at `spoof`.
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client.send_to(b"real", echo.local_addr().unwrap()).unwrap();
+    let mut buf = [0; 64];
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"real");
+    spoof.set_nonblocking(true).unwrap();
+    let answered = spoof.recv(&mut buf);
+    assert!(
+        answered.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the datagram from port 7019 was answered"
+    );
+}
+
 #[test]
 fn pipe_at_fd3_is_rejected_with_fd_and_name() {
     let (r, _w) = nix::unistd::pipe().unwrap();
