@@ -378,6 +378,31 @@ fn binds_itself_from_flags_and_env() {
     child.wait_line("listening: echo", DEADLINE);
 }
 
+/// A UDP socket we bind has no SO_REUSEADDR, so nobody can co-bind it (with SO_REUSEADDR of
+/// their own) and take part of its datagrams. TCP keeps it (TIME_WAIT), which is harmless there:
+/// a listening TCP port cannot be co-bound that way.
+#[test]
+fn udp_sockets_we_bind_cannot_be_co_bound() {
+    use socket2::{Domain, Socket, Type};
+    let child = Launch::service()
+        .args([
+            "--listen",
+            "echo=udp://127.0.0.1:0",
+            "--listen",
+            "discard=tcp://127.0.0.1:0",
+        ])
+        .spawn();
+    for (name, ty) in [("echo", Type::DGRAM), ("discard", Type::STREAM)] {
+        let addr = child.listening_addr(name);
+        let thief = Socket::new(Domain::IPV4, ty, None).unwrap();
+        thief.set_reuse_address(true).unwrap();
+        let err = thief
+            .bind(&addr.into())
+            .expect_err("a second socket with SO_REUSEADDR co-bound our port");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE), "{name}: {err}");
+    }
+}
+
 #[test]
 fn bad_address_is_usage_error_and_busy_port_cannot_bind() {
     let mut child = Launch::service()
