@@ -103,6 +103,14 @@ const READ_CHUNK: usize = 16 * 1024;
 const BUDGET: usize = 16;
 /// After EMFILE/ENFILE, wait this long before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// `SO_SNDBUF` of a chargen connection. chargen always has more to send, so a client that does
+/// not read fills whatever send buffer it has: with the kernel's autotuning that is up to
+/// `tcp_wmem` max (4 MiB by default) of kernel memory per connection, 64 GiB at the default
+/// `--max-connections`. 16 KiB (the kernel doubles it to 32 KiB for its bookkeeping) is one
+/// chargen write (`READ_CHUNK`), still keeps a reading client busy (about a window per round
+/// trip: GB/s on loopback, hundreds of KB/s across a continent, plenty for a test service), and
+/// caps a non-reader at 32 KiB.
+const CHARGEN_SNDBUF: usize = 16 * 1024;
 /// At most one log line per this interval about dropped (looping) datagrams.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -408,6 +416,10 @@ impl Server {
                 Err(e) => log::warn!("{peer}: poll registration: {e}"),
                 Ok(()) => {}
             }
+        }
+        if protocol == Protocol::Chargen {
+            // Pipes (inetd over pipes) have no SO_SNDBUF: ENOTSOCK, nothing to bound.
+            let _ = socket2::SockRef::from(io.write_fd()).set_send_buffer_size(CHARGEN_SNDBUF);
         }
         let mut pending = Vec::new();
         if protocol.is_one_shot() {

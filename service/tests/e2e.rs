@@ -613,6 +613,54 @@ fn chargen_only_generates_while_the_client_reads() {
     );
 }
 
+/// A chargen client that does not read used to pin ~4 MiB of kernel memory (the autotuned send
+/// buffer, full); now the server's side of the connection holds at most its small SO_SNDBUF.
+#[test]
+fn chargen_non_reader_pins_little_kernel_memory() {
+    let ss = tool("ss");
+    let l = tcp_listener();
+    let _child = Launch::service().fd(&l).names("chargen").spawn();
+    let mut c = connect(l.local_addr().unwrap());
+    let mut line = [0; 74];
+    c.read_exact(&mut line).unwrap();
+    // From now on the client does not read. The server's side runs from the listener to us.
+    let (src, dst) = (
+        l.local_addr().unwrap().to_string(),
+        c.local_addr().unwrap().to_string(),
+    );
+    // skmem's `w` is the send queue's kernel memory (sk_wmem_queued), `tb` the send buffer size.
+    let skmem = |field: &str| -> Option<u64> {
+        let out = Command::new(&ss)
+            .args(["-tmnH", "src", &src, "dst", &dst])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let inner = text.split("skmem:(").nth(1)?.split(')').next()?;
+        inner.split(',').find_map(|kv| {
+            let v = kv.strip_prefix(field)?;
+            v.parse().ok()
+        })
+    };
+    // Wait until the server has filled what it may and stopped (three equal samples).
+    let deadline = Instant::now() + DEADLINE;
+    let mut samples = Vec::new();
+    while Instant::now() < deadline {
+        samples.push(skmem("w").unwrap_or(0));
+        let n = samples.len();
+        if n >= 3 && samples[n - 1] > 0 && samples[n - 3..].iter().all(|&w| w == samples[n - 1]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = samples.iter().copied().max().unwrap_or(0);
+    let sndbuf = skmem("tb").expect("ss shows the server's side of the connection");
+    assert!(
+        queued > 0 && queued <= 128 * 1024 && sndbuf <= 64 * 1024,
+        "server side of a non-reading chargen client holds {queued} bytes (send buffer {sndbuf})"
+    );
+    drop(c);
+}
+
 #[test]
 fn inetd_mode_on_a_socketpair_and_on_pipes() {
     let (ours, theirs) = UnixStream::pair().unwrap();
