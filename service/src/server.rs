@@ -166,11 +166,25 @@ enum CloseReason {
     ShutdownGraceOver,
 }
 
+/// Whether a read or write failed because the client went away (reset, closed its end, the
+/// connection was aborted on its behalf, or TCP gave up on it): logged at info, not as a
+/// server problem.
+fn is_hang_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::TimedOut
+    )
+}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CloseReason::Done => f.write_str("done"),
             CloseReason::TimedOut => f.write_str("timed out"),
+            CloseReason::Error(e) if is_hang_up(e) => write!(f, "client went away: {e}"),
             CloseReason::Error(e) => write!(f, "error: {e}"),
             CloseReason::ShutdownGraceOver => f.write_str("closed: shutdown grace period over"),
         }
@@ -490,8 +504,7 @@ impl Server {
             reason
         );
         // A client that resets or goes away is the client's business, not a server problem.
-        let client_side = matches!(&reason, CloseReason::Error(e)
-            if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe));
+        let client_side = matches!(&reason, CloseReason::Error(e) if is_hang_up(e));
         match reason {
             CloseReason::Done => log::info!("{line}"),
             _ if client_side => log::info!("{line}"),

@@ -580,6 +580,54 @@ fn silent_client_times_out_and_misbehaving_clients_do_not_disturb_others() {
     drop(big.shutdown(Shutdown::Both));
 }
 
+/// A client that goes away (ECONNRESET, or ECONNABORTED when its connection is killed) is
+/// logged at info, not as a warning or error: it is the client's business.
+#[test]
+fn client_hang_ups_are_not_logged_as_errors() {
+    let ss = tool("ss");
+    let l = tcp_listener();
+    let addr = l.local_addr().unwrap();
+    let child = Launch::service().fd(&l).names("discard").spawn();
+    let close_line = |c: &TcpStream| {
+        let peer = format!("peer {} ", c.local_addr().unwrap());
+        child.wait_line(&format!("accepted {}", c.local_addr().unwrap()), DEADLINE);
+        peer
+    };
+
+    // ECONNABORTED: the server's side of the connection is destroyed (`ss -K`, as an admin or
+    // a firewall daemon would), the next read fails with "Software caused connection abort".
+    let aborted = connect(addr);
+    let peer = close_line(&aborted);
+    let out = Command::new(&ss)
+        .args(["-K", "-tn", "src", &addr.to_string(), "dst"])
+        .arg(aborted.local_addr().unwrap().to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = child.wait_line(&peer, DEADLINE);
+    assert!(
+        line.contains("client went away") && line.contains(" INFO "),
+        "{line}"
+    );
+
+    // ECONNRESET: the client closes with SO_LINGER 0, which sends a RST.
+    let reset = connect(addr);
+    let peer = close_line(&reset);
+    socket2::SockRef::from(&reset)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(reset);
+    let line = child.wait_line(&peer, DEADLINE);
+    assert!(
+        line.contains("client went away") && line.contains(" INFO "),
+        "{line}"
+    );
+
+    for bad in [" WARN ", " ERROR "] {
+        assert!(!child.stderr().contains(bad), "{}", child.stderr());
+    }
+}
+
 #[test]
 fn chargen_only_generates_while_the_client_reads() {
     let l = tcp_listener();
