@@ -435,6 +435,7 @@ fn help_documents_fd_protocol_and_exit_codes() {
         "Exit codes",
         "--idle-timeout",
         "3  inherited fds invalid",
+        "systemfd --no-pid: nobody re-arms",
     ] {
         assert!(text.contains(needle), "--help lacks {needle:?}");
     }
