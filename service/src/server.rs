@@ -107,9 +107,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// not read fills whatever send buffer it has: with the kernel's autotuning that is up to
 /// `tcp_wmem` max (4 MiB by default) of kernel memory per connection, 64 GiB at the default
 /// `--max-connections`. 16 KiB (the kernel doubles it to 32 KiB for its bookkeeping) is one
-/// chargen write (`READ_CHUNK`), still keeps a reading client busy (about a window per round
-/// trip: GB/s on loopback, hundreds of KB/s across a continent, plenty for a test service), and
-/// caps a non-reader at 32 KiB.
+/// chargen write (`READ_CHUNK`), so each writable wake-up still moves a full chunk; a reading
+/// client gets about 32 KiB per round trip (fast on loopback and a LAN, some hundred KB/s across
+/// a continent: plenty for a test service); a non-reader pins about 48 KiB (`ss -tm`: `w`)
+/// instead of 4 MiB. Setting it also turns off send-buffer autotuning for that socket.
 const CHARGEN_SNDBUF: usize = 16 * 1024;
 /// At most one log line per this interval about dropped (looping) datagrams.
 const DROP_LOG_INTERVAL: Duration = Duration::from_secs(1);
