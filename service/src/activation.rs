@@ -103,6 +103,14 @@ pub struct InheritedSocket {
 pub enum ActivationError {
     /// A `LISTEN_*` variable does not parse (e.g. `LISTEN_FDS=abc`).
     BadVariable { var: &'static str, value: String },
+    /// `LISTEN_FDS` names more fds than this process can hold: fd `first + count - 1` would lie
+    /// at or above `limit` (the larger of the soft and hard `RLIMIT_NOFILE`), so the count is
+    /// wrong. Refused before anything proportional to `count` is allocated.
+    TooManyFds {
+        count: u64,
+        first: RawFd,
+        limit: u64,
+    },
     /// The fd is not open (e.g. `LISTEN_FDS=1` but fd 3 closed).
     NotOpen { number: i32, name: String },
     /// The fd is open but is not a socket (a pipe, a file, a tty).
@@ -128,6 +136,16 @@ impl fmt::Display for ActivationError {
             ActivationError::BadVariable { var, value } => {
                 write!(f, "inherited sockets: {var}={value:?} is not valid")
             }
+            ActivationError::TooManyFds {
+                count,
+                first,
+                limit,
+            } => write!(
+                f,
+                "inherited sockets: LISTEN_FDS={count} names more fds than this process can have \
+                 open (fds {first} to {}, but RLIMIT_NOFILE is {limit})",
+                (*first as u64 + *count).saturating_sub(1)
+            ),
             ActivationError::NotOpen { number, name } => {
                 write!(f, "inherited fd {number} (name {name:?}) is not open")
             }
@@ -162,16 +180,35 @@ impl std::error::Error for ActivationError {
     }
 }
 
+/// What a launcher passed: the sockets, and whether it named this very process.
+#[derive(Debug, Default)]
+pub struct Passed {
+    /// One entry per fd, in fd order, each close-on-exec; empty when nothing was for us.
+    pub sockets: Vec<InheritedSocket>,
+    /// `LISTEN_PID` was set and is our pid: the launcher started this process itself for these
+    /// sockets (systemd, the superserver, `systemd-socket-activate`). False when it was missing
+    /// or empty (`systemfd --no-pid`), which is accepted but says nothing about who started us
+    /// or whether anyone will start us again.
+    pub pid_is_ours: bool,
+}
+
 /// Takes every socket passed through `LISTEN_FDS`, checked and classified.
 ///
 /// * `Ok(vec![])`: nothing was passed, or the variables name another process (`LISTEN_PID`).
 /// * `Ok(sockets)`: one entry per fd, in fd order, each close-on-exec.
-/// * `Err(e)`: a variable does not parse, or an fd is closed or not a socket; `e` names it.
+/// * `Err(e)`: a variable does not parse, `LISTEN_FDS` names more fds than the process can hold
+///   (refused before allocating anything for them), or an fd is closed or not a socket; `e`
+///   names it.
 ///
 /// Whatever the outcome, the `LISTEN_*` variables are gone afterwards, and every fd that was
 /// meant for us is close-on-exec. Sockets are returned as they were passed: blocking or not,
 /// never `shutdown(2)`, never unlinked. Call before starting threads (see the module docs).
 pub fn take_all_from_env() -> Result<Vec<InheritedSocket>, ActivationError> {
+    take_from_env().map(|p| p.sockets)
+}
+
+/// [`take_all_from_env`], also saying whether `LISTEN_PID` named us ([`Passed::pid_is_ours`]).
+pub fn take_from_env() -> Result<Passed, ActivationError> {
     let fds_var = env::var("LISTEN_FDS").ok();
     let pid_var = env::var("LISTEN_PID").ok();
     let names_var = env::var("LISTEN_FDNAMES").ok();
@@ -198,19 +235,19 @@ fn take_from(
     names_var: Option<&str>,
     pidfdid_var: Option<&str>,
     first_fd_var: Option<&str>,
-) -> Result<Vec<InheritedSocket>, ActivationError> {
+) -> Result<Passed, ActivationError> {
     let Some(fds_value) = fds_var else {
-        return Ok(Vec::new());
+        return Ok(Passed::default());
     };
-    let count: usize = fds_value
+    let count: u64 = fds_value
         .trim()
         .parse()
         .map_err(|_| ActivationError::BadVariable {
             var: "LISTEN_FDS",
             value: fds_value.to_owned(),
         })?;
-    match pid_var.map(str::trim) {
-        None | Some("") => {}
+    let pid_is_ours = match pid_var.map(str::trim) {
+        None | Some("") => false,
         Some(pid) => {
             let pid: u32 = pid.parse().map_err(|_| ActivationError::BadVariable {
                 var: "LISTEN_PID",
@@ -221,10 +258,11 @@ fn take_from(
                     "LISTEN_PID={pid} is not our pid {}: ignoring LISTEN_FDS",
                     std::process::id()
                 );
-                return Ok(Vec::new());
+                return Ok(Passed::default());
             }
+            true
         }
-    }
+    };
     if let Some(id) = pidfdid_var.map(str::trim).filter(|v| !v.is_empty()) {
         let id: u64 = id.parse().map_err(|_| ActivationError::BadVariable {
             var: "LISTEN_PIDFDID",
@@ -235,17 +273,23 @@ fn take_from(
             && ours != id
         {
             log::debug!("LISTEN_PIDFDID={id} is not our pidfd {ours}: ignoring LISTEN_FDS");
-            return Ok(Vec::new());
+            return Ok(Passed::default());
         }
     }
-    if let Some(first) = first_fd_var
-        && first.trim().parse::<RawFd>().is_err()
-    {
-        return Err(ActivationError::BadVariable {
-            var: "LISTEN_FDS_FIRST_FD",
-            value: first.to_owned(),
-        });
-    }
+    let first = match first_fd_var {
+        Some(first) => first
+            .trim()
+            .parse::<RawFd>()
+            .ok()
+            .filter(|&n| n >= 0)
+            .ok_or_else(|| ActivationError::BadVariable {
+                var: "LISTEN_FDS_FIRST_FD",
+                value: first.to_owned(),
+            })?,
+        None => 3,
+    };
+    // Before anything proportional to `count` (listenfd's table, names, the loops below).
+    let count = check_count(count, first, fd_limit())?;
 
     // listenfd re-reads LISTEN_FDS/LISTEN_PID (still set: we remove them after this returns),
     // applies the same pid rule, and gives us the fd numbers to take.
@@ -312,7 +356,39 @@ fn take_from(
     }
     match first_error {
         Some(e) => Err(e),
-        None => Ok(sockets),
+        None => Ok(Passed {
+            sockets,
+            pid_is_ours,
+        }),
+    }
+}
+
+/// `count` as a `usize` if fds `first..first + count` can all exist in this process, else
+/// [`ActivationError::TooManyFds`]. An fd number at or above the `RLIMIT_NOFILE` in force can
+/// never have been opened, so a larger count is a wrong variable, not a reason to allocate
+/// (`LISTEN_FDS=2147483647` used to allocate until the OOM killer came). `limit` is the larger
+/// of the soft and hard limits: a launcher may place fds and then lower the soft limit (systemd
+/// gives services a soft limit of 1024), and the hard limit is itself capped by `fs.nr_open`.
+fn check_count(count: u64, first: RawFd, limit: u64) -> Result<usize, ActivationError> {
+    let end = first as u64 + count;
+    if end > limit {
+        return Err(ActivationError::TooManyFds {
+            count,
+            first,
+            limit,
+        });
+    }
+    // `end <= limit` and an rlimit fits a usize on every platform with fds: no truncation.
+    Ok(count as usize)
+}
+
+/// The largest number of fds this process can hold: max(soft, hard) `RLIMIT_NOFILE`, or a
+/// conservative 1024 if it cannot be read.
+fn fd_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => soft.max(hard),
+        Err(_) => 1024,
     }
 }
 
@@ -444,7 +520,12 @@ mod tests {
 
     #[test]
     fn unset_means_nothing() {
-        assert!(take_from(None, None, None, None, None).unwrap().is_empty());
+        assert!(
+            take_from(None, None, None, None, None)
+                .unwrap()
+                .sockets
+                .is_empty()
+        );
     }
 
     #[test]
@@ -453,6 +534,7 @@ mod tests {
         assert!(
             take_from(Some("1"), Some(&other), None, None, None)
                 .unwrap()
+                .sockets
                 .is_empty()
         );
     }
@@ -461,6 +543,23 @@ mod tests {
     fn bad_count_is_an_error() {
         let e = take_from(Some("x"), None, None, None, None).unwrap_err();
         assert!(e.to_string().contains("LISTEN_FDS"), "{e}");
+    }
+
+    #[test]
+    fn count_beyond_the_fd_limit_is_refused() {
+        assert_eq!(check_count(2, 3, 1024).unwrap(), 2);
+        assert_eq!(check_count(1021, 3, 1024).unwrap(), 1021);
+        let e = check_count(1022, 3, 1024).unwrap_err();
+        assert!(matches!(e, ActivationError::TooManyFds { count: 1022, .. }));
+        let e = check_count(i32::MAX as u64, 3, 1 << 20).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("LISTEN_FDS=2147483647") && text.contains("RLIMIT_NOFILE"),
+            "{text}"
+        );
+        // Through the whole path, with the process' real limit.
+        let e = take_from(Some("2147483647"), None, None, None, None).unwrap_err();
+        assert!(matches!(e, ActivationError::TooManyFds { .. }), "{e}");
     }
 
     #[test]

@@ -5,14 +5,70 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use crate::activation::{self, ActivationError, InheritedSocket, SocketKind};
+use crate::activation::{self, ActivationError, InheritedSocket, Passed, SocketKind};
 use crate::bind::{self, BindError};
 use crate::cli::{Args, exit};
 use crate::protocols::{Protocol, Quotes};
 use crate::server::{self, Connection, Listener, Outcome};
 
-/// Default `--idle-timeout` for passed-in sockets and stdin.
+/// Default `--idle-timeout` when a launcher that starts us again is evident (see [`Relaunch`]).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// Whether someone will start us again after an idle exit, which decides the default
+/// `--idle-timeout`: exiting when idle is only a saving if the next client brings us back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Relaunch {
+    /// `LISTEN_PID` is our pid (systemd, the superserver): the launcher started this very
+    /// process for its sockets, keeps them, and starts us again on the next client.
+    ListenPidIsOurs,
+    /// A listening or UDP socket on stdin: inetd/xinetd `wait` re-arms it when we exit.
+    InetdWait,
+    /// Sockets passed without `LISTEN_PID` (`systemfd --no-pid`): nothing says anyone re-arms
+    /// them, and systemfd does not; an idle exit would end a development loop.
+    Unknown,
+    /// We bound the sockets ourselves: nobody holds them after we exit.
+    Nobody,
+}
+
+impl Relaunch {
+    /// The idle timeout when `--idle-timeout` is not given.
+    pub fn default_idle_timeout(self) -> Option<Duration> {
+        match self {
+            Relaunch::ListenPidIsOurs | Relaunch::InetdWait => Some(DEFAULT_IDLE_TIMEOUT),
+            Relaunch::Unknown | Relaunch::Nobody => None,
+        }
+    }
+
+    /// Why, for the startup log line.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Relaunch::ListenPidIsOurs => "LISTEN_PID is ours: the launcher starts us again",
+            Relaunch::InetdWait => "listening socket on stdin: inetd starts us again",
+            Relaunch::Unknown => {
+                "LISTEN_PID not set (systemfd --no-pid): nobody is known to start us again"
+            }
+            Relaunch::Nobody => "we bound the sockets ourselves",
+        }
+    }
+}
+
+/// The idle timeout in effect, and the startup log text that says it and why: an explicit
+/// `--idle-timeout` (0 = never) always wins over the default of `relaunch`.
+pub fn idle_timeout(explicit: Option<Duration>, relaunch: Relaunch) -> (Option<Duration>, String) {
+    let (timeout, why) = match explicit {
+        Some(t) => (Some(t), "--idle-timeout".to_owned()),
+        None => (
+            relaunch.default_idle_timeout(),
+            format!("default: {}", relaunch.reason()),
+        ),
+    };
+    let timeout = timeout.filter(|d| !d.is_zero());
+    let shown = match timeout {
+        Some(t) => humantime::format_duration(t).to_string(),
+        None => "never".to_owned(),
+    };
+    (timeout, format!("idle exit: {shown} ({why})"))
+}
 
 /// Why the binary stops with a non-zero exit code.
 #[derive(Debug)]
@@ -95,11 +151,8 @@ pub fn init_logging(quiet: bool) {
 }
 
 /// Serves until a clean end (exit 0) or fails with an [`AppError`].
-/// `inherited` is the result of [`activation::take_all_from_env`], taken first thing in `main`.
-pub fn run(
-    args: Args,
-    inherited: Result<Vec<InheritedSocket>, ActivationError>,
-) -> Result<Outcome, AppError> {
+/// `inherited` is the result of [`activation::take_from_env`], taken first thing in `main`.
+pub fn run(args: Args, inherited: Result<Passed, ActivationError>) -> Result<Outcome, AppError> {
     let quotes = match &args.quote_file {
         Some(path) => Quotes::from_file(path)
             .map_err(|e| AppError::Usage(format!("--quote-file {}: {e}", path.display())))?,
@@ -111,36 +164,34 @@ pub fn run(
         Some(SocketKind::TcpListener | SocketKind::UnixListener | SocketKind::UdpSocket)
     );
 
-    let (listeners, connections, default_idle) = if let Some(protocol) = args.inetd {
+    let (listeners, connections, relaunch) = if let Some(protocol) = args.inetd {
         if stdin_serves_as_listener {
-            (
-                vec![stdin_listener(protocol)?],
-                vec![],
-                Some(DEFAULT_IDLE_TIMEOUT),
-            )
+            (vec![stdin_listener(protocol)?], vec![], Relaunch::InetdWait)
         } else {
-            (vec![], vec![stdio_connection(protocol)?], None)
+            // No listener: the loop ends with the connection, the idle timeout plays no part.
+            (vec![], vec![stdio_connection(protocol)?], Relaunch::Nobody)
         }
     } else {
-        let inherited = inherited.map_err(AppError::Activation)?;
-        if !inherited.is_empty() {
+        let passed = inherited.map_err(AppError::Activation)?;
+        if !passed.sockets.is_empty() {
             if !args.listen.is_empty() {
                 log::info!("sockets were passed in: ignoring --listen/SMALL_SERVICES_LISTEN");
             }
-            let (l, c) = from_inherited(inherited, args.protocol)?;
-            (l, c, Some(DEFAULT_IDLE_TIMEOUT))
+            let (l, c) = from_inherited(passed.sockets, args.protocol)?;
+            let relaunch = if passed.pid_is_ours {
+                Relaunch::ListenPidIsOurs
+            } else {
+                Relaunch::Unknown
+            };
+            (l, c, relaunch)
         } else if !args.listen.is_empty() {
-            (bound(&args)?, vec![], None)
+            (bound(&args)?, vec![], Relaunch::Nobody)
         } else if stdin_serves_as_listener {
             let protocol = args.protocol.ok_or(AppError::NoProtocol {
                 number: 0,
                 name: "stdin".to_owned(),
             })?;
-            (
-                vec![stdin_listener(protocol)?],
-                vec![],
-                Some(DEFAULT_IDLE_TIMEOUT),
-            )
+            (vec![stdin_listener(protocol)?], vec![], Relaunch::InetdWait)
         } else {
             return Err(AppError::Usage(
                 "nothing to serve: no sockets passed in (LISTEN_FDS), no --listen, no --inetd, and stdin is not a \
@@ -165,8 +216,12 @@ pub fn run(
         );
         max_connections = usable;
     }
+    let (idle_timeout, idle_line) = idle_timeout(args.idle_timeout, relaunch);
+    if !listeners.is_empty() {
+        log::info!("{idle_line}");
+    }
     let config = server::Config {
-        idle_timeout: args.idle_timeout.or(default_idle).filter(|d| !d.is_zero()),
+        idle_timeout,
         connection_timeout: args.connection_timeout,
         max_connections,
         shutdown_grace: args.shutdown_grace,
@@ -382,5 +437,32 @@ fn peer_of(fd: BorrowedFd<'_>) -> String {
                 .unwrap_or_else(|| "unix".to_owned()),
         },
         Err(_) => "?".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_default_needs_a_launcher_that_starts_us_again() {
+        let eight = Some(DEFAULT_IDLE_TIMEOUT);
+        assert_eq!(idle_timeout(None, Relaunch::ListenPidIsOurs).0, eight);
+        assert_eq!(idle_timeout(None, Relaunch::InetdWait).0, eight);
+        let (t, line) = idle_timeout(None, Relaunch::Unknown);
+        assert_eq!(t, None);
+        assert!(line.starts_with("idle exit: never (default:"), "{line}");
+        assert_eq!(idle_timeout(None, Relaunch::Nobody).0, None);
+        // Explicit wins either way; 0 means never.
+        let two = Duration::from_secs(2);
+        let (t, line) = idle_timeout(Some(two), Relaunch::Unknown);
+        assert_eq!(
+            (t, line.as_str()),
+            (Some(two), "idle exit: 2s (--idle-timeout)")
+        );
+        assert_eq!(
+            idle_timeout(Some(Duration::ZERO), Relaunch::ListenPidIsOurs).0,
+            None
+        );
     }
 }

@@ -130,7 +130,8 @@ impl std::error::Error for BindError {
     }
 }
 
-/// Binds every spec: close-on-exec, `SO_REUSEADDR`, `IPV6_V6ONLY` for IPv6 addresses, backlog
+/// Binds every spec: close-on-exec, `SO_REUSEADDR` for TCP only (on UDP it would let another
+/// socket co-bind the port and steal datagrams), `IPV6_V6ONLY` for IPv6 addresses, backlog
 /// `SOMAXCONN`. A stale unix socket file (nobody accepting on it) is replaced; a live one is an
 /// error. Stops at the first failure.
 pub fn bind_all(specs: &[ListenSpec]) -> Result<Vec<BoundSocket>, BindError> {
@@ -152,7 +153,12 @@ fn bind_one(spec: &ListenSpec) -> io::Result<BoundSocket> {
             let ty = if udp { Type::DGRAM } else { Type::STREAM };
             // Socket::new sets SOCK_CLOEXEC.
             let socket = Socket::new(Domain::for_address(*addr), ty, None)?;
-            socket.set_reuse_address(true)?;
+            if !udp {
+                // TCP: rebind at once over the TIME_WAIT connections of the last run. Never on
+                // UDP: there it lets any local user bind the same address too and take a share
+                // of our datagrams.
+                socket.set_reuse_address(true)?;
+            }
             if addr.is_ipv6() {
                 socket.set_only_v6(true)?;
             }

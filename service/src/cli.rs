@@ -16,8 +16,9 @@ pub mod exit {
     pub const FAILURE: u8 = 1;
     /// Usage error: bad flag or value (clap), unreadable `--quote-file`, nothing to serve.
     pub const USAGE: u8 = 2;
-    /// Inherited fds invalid: `LISTEN_*` unparsable, fd closed, not a socket, a socket of a
-    /// kind we cannot serve, or a name that is no protocol and no `--protocol` given.
+    /// Inherited fds invalid: `LISTEN_*` unparsable, `LISTEN_FDS` beyond `RLIMIT_NOFILE`, fd
+    /// closed, not a socket, a socket of a kind we cannot serve, or a name that is no protocol
+    /// and no `--protocol` given.
     pub const BAD_INHERITED_FDS: u8 = 3;
     /// Cannot bind a `--listen` address.
     pub const CANNOT_BIND: u8 = 4;
@@ -28,7 +29,7 @@ Where the sockets come from (first match wins):
   1. --inetd PROTO: one connection on stdin/stdout (a socket, or a pipe pair), served, then exit.
      If stdin is instead a listening or datagram socket, it is served like case 4.
   2. Sockets passed by a launcher (systemd, systemd-socket-activate, systemfd, superserver):
-     LISTEN_FDS=N     fds 3..3+N are ours
+     LISTEN_FDS=N     fds 3..3+N are ours; N beyond RLIMIT_NOFILE is refused (exit 3)
      LISTEN_PID=PID   must be our pid, else the variables are ignored (as if unset);
                       missing or empty is accepted (systemfd --no-pid)
      LISTEN_FDNAMES=a:b:...  one name per fd; the name picks the protocol (echo, discard,
@@ -48,6 +49,14 @@ Where the sockets come from (first match wins):
 Idle exit: after --idle-timeout with no connection open and none new (UDP: no datagram), stop
 polling the listeners first, then exit 0. Connections that arrive meanwhile stay in the kernel
 queue for the next activation; a passed socket is never shut down or unlinked.
+Exiting only saves something if the next client starts us again, so the default depends on
+who started us (the startup line `idle exit: ...` says which applies):
+  8s     LISTEN_PID is our pid (systemd, the superserver re-arm the socket), or a listening
+         socket on stdin (inetd/xinetd `wait`)
+  never  LISTEN_PID unset (systemfd --no-pid: nobody re-arms, an exit ends the dev loop),
+         sockets bound with --listen, or one connection (--inetd, Accept=yes)
+  An explicit --idle-timeout always wins. systemd-socket-activate sets LISTEN_PID but starts
+  us only once: give it --idle-timeout 0 to keep serving.
 SIGTERM/SIGINT: stop accepting, let open connections finish for --shutdown-grace, exit 0
 (a second signal exits at once). With NOTIFY_SOCKET set, sends READY=1 and STOPPING=1.
 
@@ -58,8 +67,9 @@ Exit codes:
   0  clean: idle exit, drained after SIGTERM/SIGINT, inetd connection done
   1  other runtime failure
   2  usage error (bad flag or value, unreadable --quote-file, nothing to serve)
-  3  inherited fds invalid (bad LISTEN_* value, fd closed / not a socket / unsupported kind,
-     name that is no protocol without --protocol); the message names fd number and name
+  3  inherited fds invalid (bad LISTEN_* value, LISTEN_FDS more than RLIMIT_NOFILE allows,
+     fd closed / not a socket / unsupported kind, name that is no protocol without
+     --protocol); the message names the variable, or the fd number and name
   4  cannot bind a --listen address";
 
 /// Raw command line, as clap parses it.
@@ -95,8 +105,10 @@ pub struct Args {
     #[arg(long, value_name = "PROTO")]
     pub inetd: Option<Protocol>,
 
-    /// Exit 0 after this long without connections or datagrams; 0 = never. Default: 8s for
-    /// passed-in sockets and stdin, never when binding ourselves. Seconds or 500ms, 1m, ...
+    /// Exit 0 after this long without connections or datagrams; 0 = never. Default: 8s when
+    /// a launcher will start us again (LISTEN_PID is our pid, or a listening socket on stdin),
+    /// else never (no LISTEN_PID, e.g. systemfd --no-pid; or sockets bound ourselves). Seconds
+    /// or 500ms, 1m, ...
     #[arg(long, value_name = "DURATION", env = "SMALL_SERVICES_IDLE_TIMEOUT", value_parser = parse_duration)]
     pub idle_timeout: Option<Duration>,
 

@@ -9,7 +9,7 @@ use small_services::{activation, app, cli};
 fn main() -> ExitCode {
     // First, while the process has one thread: take passed-in sockets and remove LISTEN_* from
     // the environment (errors are reported once logging is up).
-    let inherited = activation::take_all_from_env();
+    let inherited = activation::take_from_env();
     let args = cli::Args::parse();
     let quiet = app::stderr_is_client();
     app::init_logging(quiet);

@@ -17,12 +17,17 @@
 //!   for the next activation. Passed sockets are never `shutdown(2)` or unlinked.
 //! * **SIGTERM/SIGINT:** the same stop, then open connections get `shutdown_grace` to finish; a
 //!   second signal ends at once.
+//! * **No datagram loops:** a UDP datagram whose source port is one of our own UDP sockets'
+//!   ports, a small-service port (7, 9, 13, 17, 19, 37 and those plus 7000) or 0 is dropped
+//!   unanswered (counted, logged at debug at most once a second). Otherwise one spoofed
+//!   datagram makes two echo (or echo and chargen) sockets answer each other forever, here or
+//!   between hosts; BSD inetd's `check_loop` drops the same for its internal services.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::fmt;
 use std::io;
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
@@ -98,6 +103,17 @@ const READ_CHUNK: usize = 16 * 1024;
 const BUDGET: usize = 16;
 /// After EMFILE/ENFILE, wait this long before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// `SO_SNDBUF` of a chargen connection. chargen always has more to send, so a client that does
+/// not read fills whatever send buffer it has: with the kernel's autotuning that is up to
+/// `tcp_wmem` max (4 MiB by default) of kernel memory per connection, 64 GiB at the default
+/// `--max-connections`. 16 KiB (the kernel doubles it to 32 KiB for its bookkeeping) is one
+/// chargen write (`READ_CHUNK`), so each writable wake-up still moves a full chunk; a reading
+/// client gets about 32 KiB per round trip (fast on loopback and a LAN, some hundred KB/s across
+/// a continent: plenty for a test service); a non-reader pins about 48 KiB (`ss -tm`: `w`)
+/// instead of 4 MiB. Setting it also turns off send-buffer autotuning for that socket.
+const CHARGEN_SNDBUF: usize = 16 * 1024;
+/// At most one log line per this interval about dropped (looping) datagrams.
+const DROP_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 enum Io {
     Socket(OwnedFd),
@@ -151,11 +167,25 @@ enum CloseReason {
     ShutdownGraceOver,
 }
 
+/// Whether a read or write failed because the client went away (reset, closed its end, the
+/// connection was aborted on its behalf, or TCP gave up on it): logged at info, not as a
+/// server problem.
+fn is_hang_up(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::TimedOut
+    )
+}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CloseReason::Done => f.write_str("done"),
             CloseReason::TimedOut => f.write_str("timed out"),
+            CloseReason::Error(e) if is_hang_up(e) => write!(f, "client went away: {e}"),
             CloseReason::Error(e) => write!(f, "error: {e}"),
             CloseReason::ShutdownGraceOver => f.write_str("closed: shutdown grace period over"),
         }
@@ -221,6 +251,11 @@ struct Server {
     signals: Signals,
     scratch: Vec<u8>,
     replies: u64,
+    /// Ports of our own UDP sockets: datagrams from them are never answered.
+    own_udp_ports: Vec<u16>,
+    /// Datagrams dropped as loops, and when that was last logged.
+    dropped: u64,
+    dropped_logged: Option<Instant>,
     config: Config,
 }
 
@@ -246,6 +281,11 @@ impl Server {
                 })
             })
             .collect::<io::Result<Vec<_>>>()?;
+        let own_udp_ports = listeners
+            .iter()
+            .filter_map(|st| st.udp.as_ref()?.local_addr().ok())
+            .map(|a| a.port())
+            .collect();
         Ok(Server {
             poll,
             listeners,
@@ -266,6 +306,9 @@ impl Server {
             signals,
             scratch: vec![0; SCRATCH],
             replies: 0,
+            own_udp_ports,
+            dropped: 0,
+            dropped_logged: None,
             config,
         })
     }
@@ -389,6 +432,10 @@ impl Server {
                 Ok(()) => {}
             }
         }
+        if protocol == Protocol::Chargen {
+            // Pipes (inetd over pipes) have no SO_SNDBUF: ENOTSOCK, nothing to bound.
+            let _ = socket2::SockRef::from(io.write_fd()).set_send_buffer_size(CHARGEN_SNDBUF);
+        }
         let mut pending = Vec::new();
         if protocol.is_one_shot() {
             pending = self.one_shot_reply(protocol);
@@ -458,8 +505,7 @@ impl Server {
             reason
         );
         // A client that resets or goes away is the client's business, not a server problem.
-        let client_side = matches!(&reason, CloseReason::Error(e)
-            if matches!(e.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe));
+        let client_side = matches!(&reason, CloseReason::Error(e) if is_hang_up(e));
         match reason {
             CloseReason::Done => log::info!("{line}"),
             _ if client_side => log::info!("{line}"),
@@ -730,6 +776,23 @@ impl Server {
                     continue;
                 }
             };
+            if let Some(why) = loop_risk(peer, &self.own_udp_ports) {
+                // Not activity either: a loop must not keep us from the idle exit.
+                self.dropped += 1;
+                let now = Instant::now();
+                if self
+                    .dropped_logged
+                    .is_none_or(|t| now.duration_since(t) >= DROP_LOG_INTERVAL)
+                {
+                    self.dropped_logged = Some(now);
+                    log::debug!(
+                        "{} ({protocol}): dropped datagram from {peer}: {why} ({} dropped so far)",
+                        st.l.name,
+                        self.dropped
+                    );
+                }
+                continue;
+            }
             self.last_activity = Instant::now();
             let reply: Vec<u8> = match protocol {
                 Protocol::Echo => self.scratch[..n].to_vec(),
@@ -778,6 +841,23 @@ impl Server {
             Step::Yield => self.again_conns.push(idx),
             Step::Close(reason) => self.close(idx, reason),
         }
+    }
+}
+
+/// Why a datagram from `peer` must not be answered, or `None` if it may be. Answering a
+/// small service (ours or another host's) or one of our own sockets starts a loop that never
+/// ends (echo to echo, chargen to echo); no real client sends from those ports, and a reply to
+/// port 0 cannot be delivered.
+fn loop_risk(peer: SocketAddr, own_udp_ports: &[u16]) -> Option<&'static str> {
+    let port = peer.port();
+    if port == 0 {
+        Some("source port 0")
+    } else if own_udp_ports.contains(&port) {
+        Some("source port is one of our own UDP ports (a loop)")
+    } else if Protocol::from_port(port).is_some() {
+        Some("source port is a small-service port (a loop)")
+    } else {
+        None
     }
 }
 
@@ -879,5 +959,35 @@ pub fn describe_local(fd: &OwnedFd) -> String {
                 .unwrap_or_else(|| "unix".to_owned()),
         },
         Err(_) => "?".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn datagrams_that_would_loop() {
+        let from = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let own = [40_000, 7];
+        for looping in [
+            "127.0.0.1:40000",
+            "[::1]:7",
+            "192.0.2.1:19",
+            "192.0.2.1:7019",
+            "192.0.2.1:7013",
+            "192.0.2.1:37",
+            "127.0.0.1:0",
+        ] {
+            assert!(loop_risk(from(looping), &own).is_some(), "{looping}");
+        }
+        for client in [
+            "127.0.0.1:40001",
+            "[::1]:51234",
+            "192.0.2.1:7000",
+            "192.0.2.1:8",
+        ] {
+            assert!(loop_risk(from(client), &own).is_none(), "{client}");
+        }
     }
 }

@@ -120,6 +120,56 @@ fn every_protocol_over_udp() {
     assert_eq!(ask(0, b"after"), b"after");
 }
 
+/// One datagram from one of our own echo sockets to another used to start an endless
+/// echo-to-echo ping-pong (100% CPU, never idle). Now it is dropped, and the idle exit comes.
+#[test]
+fn udp_datagram_from_our_own_socket_does_not_loop() {
+    let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut child = Launch::service()
+        .fd(&a)
+        .fd(&b)
+        .names("echo:echo")
+        .args(["--idle-timeout", "500ms"])
+        .spawn();
+    child.wait_line("idle exit: 500ms", DEADLINE);
+    // What a spoofed datagram does: source is our own echo socket `b` (the test holds a copy).
+    b.send_to(b"loop?", a.local_addr().unwrap()).unwrap();
+    child.assert_exit(0, DEADLINE);
+    let stderr = child.stderr();
+    assert!(stderr.contains("idle for"), "{stderr}");
+    assert!(stderr.contains("dropped datagram from"), "{stderr}");
+}
+
+/// A datagram from another small service's port (chargen at 7019 here) is not answered: two
+/// small services, on one host or two, would otherwise answer each other forever.
+#[test]
+fn udp_datagram_from_a_small_service_port_is_not_answered() {
+    let echo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let _child = Launch::service().fd(&echo).names("echo").spawn();
+    // A loopback address of our own for the source, so no other test's port 7019 is in the way.
+    let spoof = (1..=250u8)
+        .find_map(|i| UdpSocket::bind(("127.19.7.".to_owned() + &i.to_string(), 7019)).ok())
+        .expect("a free 127.19.7.x:7019");
+    spoof
+        .send_to(b"chargen says hi", echo.local_addr().unwrap())
+        .unwrap();
+    // A real client after it: datagrams are served in order, so once its echo is back any
+    // answer to the first one would already be queued at `spoof`.
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    client.send_to(b"real", echo.local_addr().unwrap()).unwrap();
+    let mut buf = [0; 64];
+    let n = client.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"real");
+    spoof.set_nonblocking(true).unwrap();
+    let answered = spoof.recv(&mut buf);
+    assert!(
+        answered.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock),
+        "the datagram from port 7019 was answered"
+    );
+}
+
 #[test]
 fn pipe_at_fd3_is_rejected_with_fd_and_name() {
     let (r, _w) = nix::unistd::pipe().unwrap();
@@ -191,6 +241,67 @@ fn bad_listen_fds_value_is_rejected() {
     let mut child = Launch::service().pid(Pid::Own).listen_fds("two").spawn();
     child.assert_exit(3, DEADLINE);
     assert!(child.stderr().contains("LISTEN_FDS"), "{}", child.stderr());
+}
+
+/// `LISTEN_FDS=2147483647` used to allocate until the OOM killer came: now refused at once,
+/// naming the variable, before anything proportional to the count is allocated.
+#[test]
+fn absurd_listen_fds_is_refused_at_once() {
+    for pid in [Pid::Own, Pid::Unset] {
+        let t0 = Instant::now();
+        let mut child = Launch::service().pid(pid).listen_fds("2147483647").spawn();
+        child.assert_exit(3, DEADLINE);
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            t0.elapsed()
+        );
+        let stderr = child.stderr();
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("error: inherited sockets: LISTEN_FDS=2147483647")
+                && stderr.contains("RLIMIT_NOFILE"),
+            "{stderr}"
+        );
+    }
+}
+
+/// The default idle exit needs a launcher that starts us again: `LISTEN_PID` naming us
+/// (systemd, the superserver). Without it (systemfd --no-pid) the default is never; an
+/// explicit --idle-timeout wins.
+#[test]
+fn idle_default_depends_on_listen_pid() {
+    let l = tcp_listener();
+    let addr = l.local_addr().unwrap();
+    let child = Launch::service()
+        .fd(&l)
+        .pid(Pid::Unset)
+        .names("echo")
+        .spawn();
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(
+        line.contains("idle exit: never (default: LISTEN_PID not set"),
+        "{line}"
+    );
+    assert_eq!(request(addr, b"no pid"), b"no pid");
+    drop(child);
+
+    let child = Launch::service().fd(&l).names("echo").spawn();
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(
+        line.contains("idle exit: 8s (default: LISTEN_PID is ours"),
+        "{line}"
+    );
+    drop(child);
+
+    let child = Launch::service()
+        .fd(&l)
+        .pid(Pid::Unset)
+        .names("echo")
+        .args(["--idle-timeout", "3s"])
+        .spawn();
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(line.contains("idle exit: 3s (--idle-timeout)"), "{line}");
 }
 
 #[test]
@@ -267,6 +378,31 @@ fn binds_itself_from_flags_and_env() {
     child.wait_line("listening: echo", DEADLINE);
 }
 
+/// A UDP socket we bind has no SO_REUSEADDR, so nobody can co-bind it (with SO_REUSEADDR of
+/// their own) and take part of its datagrams. TCP keeps it (TIME_WAIT), which is harmless there:
+/// a listening TCP port cannot be co-bound that way.
+#[test]
+fn udp_sockets_we_bind_cannot_be_co_bound() {
+    use socket2::{Domain, Socket, Type};
+    let child = Launch::service()
+        .args([
+            "--listen",
+            "echo=udp://127.0.0.1:0",
+            "--listen",
+            "discard=tcp://127.0.0.1:0",
+        ])
+        .spawn();
+    for (name, ty) in [("echo", Type::DGRAM), ("discard", Type::STREAM)] {
+        let addr = child.listening_addr(name);
+        let thief = Socket::new(Domain::IPV4, ty, None).unwrap();
+        thief.set_reuse_address(true).unwrap();
+        let err = thief
+            .bind(&addr.into())
+            .expect_err("a second socket with SO_REUSEADDR co-bound our port");
+        assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE), "{name}: {err}");
+    }
+}
+
 #[test]
 fn bad_address_is_usage_error_and_busy_port_cannot_bind() {
     let mut child = Launch::service()
@@ -299,6 +435,7 @@ fn help_documents_fd_protocol_and_exit_codes() {
         "Exit codes",
         "--idle-timeout",
         "3  inherited fds invalid",
+        "systemfd --no-pid: nobody re-arms",
     ] {
         assert!(text.contains(needle), "--help lacks {needle:?}");
     }
@@ -444,6 +581,54 @@ fn silent_client_times_out_and_misbehaving_clients_do_not_disturb_others() {
     drop(big.shutdown(Shutdown::Both));
 }
 
+/// A client that goes away (ECONNRESET, or ECONNABORTED when its connection is killed) is
+/// logged at info, not as a warning or error: it is the client's business.
+#[test]
+fn client_hang_ups_are_not_logged_as_errors() {
+    let ss = tool("ss");
+    let l = tcp_listener();
+    let addr = l.local_addr().unwrap();
+    let child = Launch::service().fd(&l).names("discard").spawn();
+    let close_line = |c: &TcpStream| {
+        let peer = format!("peer {} ", c.local_addr().unwrap());
+        child.wait_line(&format!("accepted {}", c.local_addr().unwrap()), DEADLINE);
+        peer
+    };
+
+    // ECONNABORTED: the server's side of the connection is destroyed (`ss -K`, as an admin or
+    // a firewall daemon would), the next read fails with "Software caused connection abort".
+    let aborted = connect(addr);
+    let peer = close_line(&aborted);
+    let out = Command::new(&ss)
+        .args(["-K", "-tn", "src", &addr.to_string(), "dst"])
+        .arg(aborted.local_addr().unwrap().to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let line = child.wait_line(&peer, DEADLINE);
+    assert!(
+        line.contains("client went away") && line.contains(" INFO "),
+        "{line}"
+    );
+
+    // ECONNRESET: the client closes with SO_LINGER 0, which sends a RST.
+    let reset = connect(addr);
+    let peer = close_line(&reset);
+    socket2::SockRef::from(&reset)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(reset);
+    let line = child.wait_line(&peer, DEADLINE);
+    assert!(
+        line.contains("client went away") && line.contains(" INFO "),
+        "{line}"
+    );
+
+    for bad in [" WARN ", " ERROR "] {
+        assert!(!child.stderr().contains(bad), "{}", child.stderr());
+    }
+}
+
 #[test]
 fn chargen_only_generates_while_the_client_reads() {
     let l = tcp_listener();
@@ -475,6 +660,54 @@ fn chargen_only_generates_while_the_client_reads() {
         "RSS grew from {before} kB to {} kB",
         rss()
     );
+}
+
+/// A chargen client that does not read used to pin ~4 MiB of kernel memory (the autotuned send
+/// buffer, full); now the server's side of the connection holds at most its small SO_SNDBUF.
+#[test]
+fn chargen_non_reader_pins_little_kernel_memory() {
+    let ss = tool("ss");
+    let l = tcp_listener();
+    let _child = Launch::service().fd(&l).names("chargen").spawn();
+    let mut c = connect(l.local_addr().unwrap());
+    let mut line = [0; 74];
+    c.read_exact(&mut line).unwrap();
+    // From now on the client does not read. The server's side runs from the listener to us.
+    let (src, dst) = (
+        l.local_addr().unwrap().to_string(),
+        c.local_addr().unwrap().to_string(),
+    );
+    // skmem's `w` is the send queue's kernel memory (sk_wmem_queued), `tb` the send buffer size.
+    let skmem = |field: &str| -> Option<u64> {
+        let out = Command::new(&ss)
+            .args(["-tmnH", "src", &src, "dst", &dst])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let inner = text.split("skmem:(").nth(1)?.split(')').next()?;
+        inner.split(',').find_map(|kv| {
+            let v = kv.strip_prefix(field)?;
+            v.parse().ok()
+        })
+    };
+    // Wait until the server has filled what it may and stopped (three equal samples).
+    let deadline = Instant::now() + DEADLINE;
+    let mut samples = Vec::new();
+    while Instant::now() < deadline {
+        samples.push(skmem("w").unwrap_or(0));
+        let n = samples.len();
+        if n >= 3 && samples[n - 1] > 0 && samples[n - 3..].iter().all(|&w| w == samples[n - 1]) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let queued = samples.iter().copied().max().unwrap_or(0);
+    let sndbuf = skmem("tb").expect("ss shows the server's side of the connection");
+    assert!(
+        queued > 0 && queued <= 128 * 1024 && sndbuf <= 64 * 1024,
+        "server side of a non-reading chargen client holds {queued} bytes (send buffer {sndbuf})"
+    );
+    drop(c);
 }
 
 #[test]
@@ -617,21 +850,19 @@ fn systemfd_starts_it() {
 
 #[test]
 fn systemfd_without_names_serves_by_port() {
-    // The README's command: no fd name, no --protocol; port 7013 means daytime.
+    // The README's command: no fd name, no --protocol, no --idle-timeout; port 7013 means
+    // daytime, and without LISTEN_PID nobody re-arms the socket, so no idle exit by default.
     let systemfd = tool("systemfd");
     let child = Launch::program(&systemfd)
         .group()
-        .args([
-            "--no-pid",
-            "-s",
-            "tcp::127.0.0.113:7013",
-            "--",
-            BIN,
-            "--idle-timeout",
-            "0",
-        ])
+        .args(["--no-pid", "-s", "tcp::127.0.0.113:7013", "--", BIN])
         .spawn();
     child.wait_line("listening: unknown (daytime)", DEADLINE);
+    let line = child.wait_line("idle exit:", DEADLINE);
+    assert!(
+        line.contains("idle exit: never (default: LISTEN_PID not set"),
+        "{line}"
+    );
     let reply = request("127.0.0.113:7013".parse().unwrap(), b"");
     assert!(
         reply.ends_with(b"\r\n") && reply.len() > 10,
