@@ -136,13 +136,34 @@ pub fn stderr_is_client() -> bool {
         && activation::same_file(stdin.as_fd(), stderr.as_fd())
 }
 
-/// env_logger on stderr: level from `RUST_LOG` (default info), no timestamps under journald
-/// (`JOURNAL_STREAM`), off when stderr is the client's socket.
+/// env_logger on stderr, one line per event in the superserver's format, level from
+/// `RUST_LOG` (default info): `2026-12-05T16:40:01.123Z INFO  message`, or under journald
+/// (`JOURNAL_STREAM`) `<6>message` with the syslog priority so journald keeps the level. Off
+/// when stderr is the client's socket.
 pub fn init_logging(quiet: bool) {
+    use std::io::Write;
     let mut builder =
         env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
     if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.format_timestamp(None);
+        builder.format(|buf, record| {
+            let prio = match record.level() {
+                log::Level::Error => 3,
+                log::Level::Warn => 4,
+                log::Level::Info => 6,
+                log::Level::Debug | log::Level::Trace => 7,
+            };
+            writeln!(buf, "<{prio}>{}", record.args())
+        });
+    } else {
+        builder.format(|buf, record| {
+            writeln!(
+                buf,
+                "{} {:<5} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
+        });
     }
     if quiet {
         builder.filter_level(log::LevelFilter::Off);

@@ -320,8 +320,15 @@ impl Server {
         for i in 0..self.listeners.len() {
             self.register_listener(i)?;
             let l = &self.listeners[i].l;
-            log::info!("listening: {} ({}) on {}", l.name, l.protocol, l.describe);
+            log::debug!("listening: {} ({}) on {}", l.name, l.protocol, l.describe);
         }
+        // One line per start, not one per socket: a wait-mode service starts often.
+        let names: Vec<&str> = self.listeners.iter().map(|l| l.l.name.as_str()).collect();
+        log::info!(
+            "serving {} socket(s): {}",
+            self.listeners.len(),
+            names.join(", ")
+        );
         crate::notify::ready();
         log::debug!("ready");
         Ok(())
