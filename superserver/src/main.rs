@@ -8,6 +8,7 @@ mod limits;
 mod logging;
 mod notify;
 mod plan;
+mod preflight;
 mod program;
 mod sockets;
 mod source;
@@ -58,8 +59,15 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         let source = ConfigSource::new(path);
         let config = source.load_reported().map_err(Failure::Config)?;
         spawn::prepare_all(&config.services).map_err(|e| templates_failed(&source, e))?;
+        let (busy, notes) = preflight::check_addresses(&config);
+        if !busy.is_empty() {
+            return Err(templates_failed(&source, busy));
+        }
         stdout(&format!("{}: valid; the plan:\n", source.origin()));
         stdout(&plan::describe(&config));
+        for note in notes {
+            stdout(&format!("note: {note}\n"));
+        }
         return Ok(());
     }
     source::ensure_std_fds();
@@ -85,7 +93,8 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         .map_err(|e| Failure::Runtime(format!("event loop failed: {e}")))
 }
 
-/// Services whose program cannot run as their user: a configuration error, one line each.
+/// Problems found beyond the file (a program its user cannot run, an address in use): a
+/// configuration error, one line each.
 fn templates_failed(source: &ConfigSource, errors: Vec<String>) -> Failure {
     let origin = source.origin();
     let lines: Vec<String> = errors.iter().map(|e| format!("{origin}: {e}")).collect();

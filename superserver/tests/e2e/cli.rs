@@ -96,3 +96,37 @@ fn the_embedded_default_serves_the_small_services() {
         assert!(stdout.contains(&format!("127.0.0.1:{port}")), "{stdout}");
     }
 }
+
+/// `--check` tries every address: one another program listens on is an error that names the
+/// program; one held by a running superserver (the reload case) is fine and said so.
+#[test]
+fn check_names_the_program_holding_a_port_and_accepts_a_running_superserver() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    // A plain process (this test) holds the port.
+    let text = format!(
+        "[service.echo]\nmode = \"nowait\"\nexec = [\"/bin/cat\"]\nlisten = \"{addr}\"\nuser_if_root = \"nobody\"\n"
+    );
+    let (out, _, _dir) = check(&text);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains(&format!("service.echo.listen: tcp://{addr}: in use by "))
+            && stderr.contains(&format!("(pid {})", std::process::id())),
+        "{stderr}"
+    );
+    // A superserver serving the same file: --check passes (as before `systemctl reload`).
+    let server = Server::start(&text, vec![l]);
+    let out = Command::new(superserver_bin())
+        .arg("--check")
+        .arg(server.dir.path().join("superserver.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("held by superserver (pid "), "{stdout}");
+}

@@ -138,3 +138,54 @@ fn a_stalled_log_reader_never_stalls_the_services_and_drops_are_reported() {
         "still serving"
     );
 }
+
+/// One format on one stream: the superserver's lines and its services' lines (which share its
+/// stderr) read alike, a wait-mode start is one line however many sockets it gets, and a
+/// stop does not claim to watch sockets again.
+#[test]
+fn one_format_one_line_per_event() {
+    let (a, a_addr) = tcp_listener("127.0.0.1");
+    let (b, b_addr) = tcp_listener("127.0.0.1");
+    let config = format!(
+        "[service.small]\nexec = [\"{{SMALL}}\", \"--idle-timeout=60s\"]\nlisten = {{ echo = \"{a_addr}\", daytime = \"{b_addr}\" }}\nuser_if_root = \"nobody\"\n"
+    );
+    let mut server = Server::start_with(&config, vec![a, b], &[("RUST_LOG", "info")]);
+    assert_eq!(echo(a_addr, "x").unwrap(), "x");
+    read_line(b_addr).unwrap();
+    server.wait_log("serving 2 socket(s): echo, daytime");
+    server.signal(libc::SIGTERM);
+    server.wait_exit();
+    let log = server.log.lock().unwrap().clone();
+    let shape = |l: &str| {
+        let mut f = l.splitn(3, ' ');
+        let (ts, level) = (f.next().unwrap_or(""), f.next().unwrap_or(""));
+        ts.len() == 24
+            && ts.ends_with('Z')
+            && ts.as_bytes()[10] == b'T'
+            && ["INFO", "WARN", "ERROR", "DEBUG"].contains(&level)
+    };
+    for line in &log {
+        assert!(
+            shape(line),
+            "a line in another format: {line:?}\n{}",
+            log.join("\n")
+        );
+    }
+    assert_eq!(
+        log.iter()
+            .filter(|l| l.contains("serving 2 socket(s)"))
+            .count(),
+        1,
+        "{}",
+        log.join("\n")
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("listening: echo (echo)")),
+        "per-socket lines are debug"
+    );
+    assert!(
+        !log.iter().any(|l| l.contains("watching its sockets again")),
+        "a stop does not re-arm: {}",
+        log.join("\n")
+    );
+}

@@ -1,0 +1,182 @@
+//! What `--check` can know about the host beyond the file: whether each address can be bound
+//! right now, and if not, who holds it. A port another program listens on is an error; one
+//! held by a running superserver (this file's, about to be reloaded) or by systemd (which
+//! passes it on through socket activation) is fine and said so.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use superserver_config::{Config, ListenAddr};
+
+/// Programs that may hold our addresses when the check runs: a running superserver keeps its
+/// sockets across a reload, and systemd hands them over (`superserver.socket`).
+const FRIENDLY: &[&str] = &["superserver", "systemd"];
+
+/// Try every TCP and UDP address of `config`. Returns (errors, notes), one line each, with
+/// the service's key first.
+pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
+    let mut errors = Vec::new();
+    let mut notes = Vec::new();
+    for svc in &config.services {
+        for listen in &svc.listen {
+            let (sa, ty) = match &listen.addr {
+                ListenAddr::Tcp(sa) => (*sa, Type::STREAM),
+                ListenAddr::Udp(sa) => (*sa, Type::DGRAM),
+                ListenAddr::Unix(_) => continue,
+            };
+            let Err(e) = try_bind(sa, ty) else { continue };
+            let key = format!("service.{}.listen: {}", svc.name, listen.addr);
+            if e.raw_os_error() != Some(libc::EADDRINUSE) {
+                errors.push(format!("{key}: cannot be bound: {e}"));
+                continue;
+            }
+            let holders = holders(sa, ty == Type::STREAM);
+            if holders.is_empty() {
+                errors.push(format!(
+                    "{key}: in use by another program (run as root to see which)"
+                ));
+            } else if holders
+                .iter()
+                .all(|(_, comm)| FRIENDLY.contains(&comm.as_str()))
+            {
+                notes.push(format!(
+                    "{key}: held by {} (fine: kept or passed on)",
+                    list(&holders)
+                ));
+            } else {
+                errors.push(format!(
+                    "{key}: in use by {}; stop it or choose another address",
+                    list(&holders)
+                ));
+            }
+        }
+    }
+    (errors, notes)
+}
+
+fn list(holders: &[(i32, String)]) -> String {
+    holders
+        .iter()
+        .map(|(pid, comm)| format!("{comm} (pid {pid})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Bind a throw-away socket the way the superserver would (TCP with `SO_REUSEADDR`).
+fn try_bind(sa: SocketAddr, ty: Type) -> std::io::Result<()> {
+    let s = Socket::new(Domain::for_address(sa), ty, None)?;
+    if ty == Type::STREAM {
+        s.set_reuse_address(true)?;
+    }
+    if sa.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&SockAddr::from(sa))
+}
+
+/// Processes holding a socket that conflicts with `sa` (same port; the same IP or either a
+/// wildcard), from `/proc/net` and `/proc/*/fd` (complete only when run as root).
+fn holders(sa: SocketAddr, tcp: bool) -> Vec<(i32, String)> {
+    let files: &[&str] = match (tcp, sa.is_ipv4()) {
+        (true, true) => &["/proc/net/tcp"],
+        (true, false) => &["/proc/net/tcp6"],
+        (false, true) => &["/proc/net/udp"],
+        (false, false) => &["/proc/net/udp6"],
+    };
+    let mut inodes = HashSet::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || (tcp && f[3] != "0A") {
+                continue;
+            }
+            let Some(local) = parse_proc_addr(f[1]) else {
+                continue;
+            };
+            let overlaps =
+                local.ip() == sa.ip() || local.ip().is_unspecified() || sa.ip().is_unspecified();
+            if local.port() == sa.port() && overlaps {
+                inodes.insert(format!("socket:[{}]", f[9]));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    if inodes.is_empty() {
+        return out;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path())
+                .map(|t| inodes.contains(t.to_string_lossy().as_ref()))
+                .unwrap_or(false)
+        });
+        if holds {
+            let comm = std::fs::read_to_string(p.path().join("comm"))
+                .map(|c| c.trim().to_string())
+                .unwrap_or_else(|_| "?".into());
+            out.push((pid, comm));
+        }
+    }
+    out
+}
+
+/// `0100007F:1F4F` (IPv4) or 32 hex digits and a port (IPv6), as `/proc/net/*` writes them:
+/// each 32-bit word in host (little-endian) order.
+fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    // The kernel prints the address's bytes read as native-endian 32-bit words.
+    let word = |h: &str| u32::from_str_radix(h, 16).ok().map(u32::to_ne_bytes);
+    let ip = match ip.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(word(ip)?)),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for i in 0..4 {
+                bytes[i * 4..i * 4 + 4].copy_from_slice(&word(&ip[i * 8..i * 8 + 8])?);
+            }
+            IpAddr::V6(Ipv6Addr::from(bytes))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_are_read_as_the_kernel_writes_them() {
+        assert_eq!(
+            parse_proc_addr("0100007F:1F4F"),
+            Some("127.0.0.1:8015".parse().unwrap())
+        );
+        assert_eq!(
+            parse_proc_addr("00000000000000000000000001000000:0016"),
+            Some("[::1]:22".parse().unwrap())
+        );
+    }
+
+    #[test]
+    fn a_port_another_program_listens_on_is_an_error_naming_it() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = holder.local_addr().unwrap();
+        let holders = holders(addr, true);
+        let me = std::process::id() as i32;
+        assert!(holders.iter().any(|(pid, _)| *pid == me), "{holders:?}");
+        assert!(try_bind(addr, Type::STREAM).is_err());
+    }
+}
