@@ -6,5 +6,6 @@ mod cli;
 mod logging;
 mod nowait;
 mod reload;
+mod security;
 mod sockets;
 mod wait_mode;
