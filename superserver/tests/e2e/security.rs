@@ -32,6 +32,65 @@ fn mode_of(path: &Path) -> u32 {
     std::fs::symlink_metadata(path).unwrap().mode() & 0o7777
 }
 
+/// Run `act` at every system call stop (entry and exit) of the process `pid`, as its tracer,
+/// until `stop` is set and the process makes one more stop (send it a signal it ignores to
+/// make sure); then detach. This lets an "attacker" act between any two system calls of the
+/// superserver, which no timing race can. The returned receiver gets `Ok` once attached, or
+/// the error when ptrace is not permitted; the thread returns the number of stops.
+fn between_every_syscall(
+    pid: i32,
+    stop: Arc<AtomicBool>,
+    mut act: impl FnMut() + Send + 'static,
+) -> (
+    mpsc::Receiver<std::io::Result<()>>,
+    std::thread::JoinHandle<usize>,
+) {
+    let (tx, rx) = mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        let null = std::ptr::null_mut::<libc::c_void>();
+        let opts = libc::PTRACE_O_TRACESYSGOOD as usize as *mut libc::c_void;
+        // SAFETY: ptrace(2) on our own child; every request below names that pid.
+        unsafe {
+            if libc::ptrace(libc::PTRACE_SEIZE, pid, null, opts) != 0
+                || libc::ptrace(libc::PTRACE_INTERRUPT, pid, null, null) != 0
+            {
+                let _ = tx.send(Err(std::io::Error::last_os_error()));
+                return 0;
+            }
+        }
+        let _ = tx.send(Ok(()));
+        let mut stops = 0;
+        loop {
+            let mut st = 0;
+            // SAFETY: waitpid(2) into a local int.
+            if unsafe { libc::waitpid(pid, &mut st, libc::__WALL) } != pid || !libc::WIFSTOPPED(st)
+            {
+                return stops; // gone
+            }
+            let sig = libc::WSTOPSIG(st);
+            let syscall = sig == libc::SIGTRAP | 0x80;
+            if syscall {
+                stops += 1;
+                act();
+            }
+            // A signal on its way to the process goes on; syscall and event stops carry none.
+            let inject = if syscall || st >> 16 != 0 { 0 } else { sig };
+            let data = inject as usize as *mut libc::c_void;
+            let request = if stop.load(Ordering::Relaxed) {
+                libc::PTRACE_DETACH
+            } else {
+                libc::PTRACE_SYSCALL
+            };
+            // SAFETY: as above; the process is in a ptrace stop.
+            unsafe { libc::ptrace(request, pid, null, data) };
+            if request == libc::PTRACE_DETACH {
+                return stops;
+            }
+        }
+    });
+    (rx, thread)
+}
+
 #[test]
 fn a_symlink_swapped_over_the_socket_never_redirects_chmod() {
     // The attacker's playground: a world-writable directory without the sticky bit.
@@ -59,45 +118,35 @@ fn a_symlink_swapped_over_the_socket_never_redirects_chmod() {
     let server = Server::start(&config(&a, "0666"), vec![]);
     assert_eq!(mode_of(&a), 0o666);
 
-    let stop = Arc::new(AtomicBool::new(false));
+    // The attack, run between every two system calls of the superserver (or, where ptrace is
+    // not permitted, as fast as it can in a loop): a socket that appears at a or b is
+    // replaced by a symlink to the target (made in advance, so only a rename is left), and
+    // now and then a private directory is moved away and a symlink to the decoy put there.
     let (swaps, stolen) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let attacker = {
-        let (stop, swaps, stolen) = (stop.clone(), swaps.clone(), stolen.clone());
-        let (d, a, b, target, decoy) = (d.clone(), a.clone(), b.clone(), target.clone(), decoy);
-        std::thread::spawn(move || {
-            let tmp = d.join(".evil");
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                for path in [&a, &b] {
-                    match std::fs::symlink_metadata(path) {
-                        // A fresh socket: replace it by a symlink to the target, hoping the
-                        // superserver's chmod comes after.
-                        Ok(m) if m.file_type().is_socket() => {
-                            let _ = std::fs::remove_file(&tmp);
-                            if std::os::unix::fs::symlink(&target, &tmp).is_ok()
-                                && std::fs::rename(&tmp, path).is_ok()
-                            {
-                                swaps.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
-                        // Our own symlink: clear it so that the next bind goes ahead.
-                        Ok(m) if m.file_type().is_symlink() => {
-                            let _ = std::fs::remove_file(path);
-                        }
-                        _ => {}
+    let act = {
+        let (swaps, stolen) = (swaps.clone(), stolen.clone());
+        let (d, a, b, target) = (d.clone(), a.clone(), b.clone(), target.clone());
+        let tmp = d.join(".evil");
+        let mut n = 0u64;
+        move || {
+            n += 1;
+            for path in [&a, &b] {
+                if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::os::unix::fs::symlink(&target, &tmp);
+                    if std::fs::rename(&tmp, path).is_ok() {
+                        swaps.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                // The private directory: move it away and put a symlink to the decoy there.
-                let Ok(entries) = std::fs::read_dir(&d) else {
-                    continue;
-                };
-                for e in entries.flatten() {
-                    let name = e.file_name();
-                    let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-                    if !is_dir || !name.to_string_lossy().starts_with(".superserver-") {
-                        continue;
-                    }
-                    n += 1;
+            }
+            if n % 16 != 0 {
+                return;
+            }
+            let Ok(entries) = std::fs::read_dir(&d) else {
+                return;
+            };
+            for e in entries.flatten() {
+                let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                if is_dir && e.file_name().to_string_lossy().starts_with(".superserver-") {
                     let away = d.join(format!("stolen-{n}"));
                     if std::fs::rename(e.path(), &away).is_ok() {
                         let _ = std::os::unix::fs::symlink(&decoy, e.path());
@@ -105,14 +154,33 @@ fn a_symlink_swapped_over_the_socket_never_redirects_chmod() {
                     }
                 }
             }
-        })
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let (attached, tracer) = between_every_syscall(server.pid, stop.clone(), act.clone());
+    let racer = match attached.recv().unwrap() {
+        Ok(()) => None,
+        Err(e) => {
+            eprintln!("ptrace not permitted ({e}); racing the superserver instead");
+            let stop = stop.clone();
+            let mut act = act;
+            Some(std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    act();
+                }
+            }))
+        }
     };
 
-    // Each reload either binds a fresh socket (the path changes) or re-applies a new mode to
-    // the kept one (only the mode changes).
-    let plan = [(&a, "0666"), (&a, "0660"), (&b, "0666"), (&b, "0660")];
-    for i in 1..=200 {
+    // Each reload either binds a fresh socket (the path changes; the attacker's symlink from
+    // last time is cleared first so that the bind goes ahead) or re-applies a new mode to the
+    // kept socket, whose path the attacker has replaced by a symlink meanwhile.
+    let plan = [(&a, "0660"), (&b, "0666"), (&b, "0660"), (&a, "0666")];
+    for i in 0..200 {
         let (path, mode) = plan[i % plan.len()];
+        if i % 2 == 1 && std::fs::symlink_metadata(path).is_ok() {
+            std::fs::remove_file(path).unwrap();
+        }
         server.reload(&config(path, mode));
         assert_eq!(
             mode_of(&target),
@@ -121,22 +189,25 @@ fn a_symlink_swapped_over_the_socket_never_redirects_chmod() {
         );
     }
     stop.store(true, Ordering::Relaxed);
-    attacker.join().unwrap();
+    server.signal(libc::SIGWINCH); // ignored; wakes the tracer to detach
+    let stops = tracer.join().unwrap();
+    if let Some(racer) = racer {
+        racer.join().unwrap();
+    }
+    eprintln!(
+        "attacker: {stops} syscall stops, {} sockets replaced, {} private directories stolen",
+        swaps.load(Ordering::Relaxed),
+        stolen.load(Ordering::Relaxed)
+    );
     assert!(
         swaps.load(Ordering::Relaxed) > 0,
         "the attacker never got to replace a socket; the test proves nothing"
     );
-    eprintln!(
-        "attacker: {} sockets replaced, {} private directories stolen",
-        swaps.load(Ordering::Relaxed),
-        stolen.load(Ordering::Relaxed)
-    );
     assert_eq!(mode_of(&target), 0o600);
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "secret");
-    for path in [&a, &b] {
-        if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-            std::fs::remove_file(path).unwrap();
-        }
+    if stops > 0 {
+        // Re-applying the mode found the symlink and left it alone.
+        server.wait_log("the file is no longer the socket we bound; not changing it");
     }
 
     // Once the attacker is gone the service still binds and answers, with its mode.
