@@ -7,5 +7,6 @@ mod first_run;
 mod logging;
 mod nowait;
 mod reload;
+mod security;
 mod sockets;
 mod wait_mode;
