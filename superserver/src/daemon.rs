@@ -915,13 +915,14 @@ impl<S: Source> Daemon<S> {
             }
         }
 
-        // Close what no service wants any more *before* binding anything new: an address
-        // narrowed from 0.0.0.0:P to 127.0.0.1:P can only be bound once the wildcard is gone.
+        // What no service wants any more retires: it stays open until the new addresses
+        // are bound beside it (a narrowed 0.0.0.0:P -> 127.0.0.1:P shares the port for a
+        // moment) and what it queued is accepted, so the narrowing refuses nobody.
         let wanted: std::collections::HashSet<&ListenAddr> = next
             .iter()
             .flat_map(|(svc, _)| svc.def.listen.iter().map(|l| &l.addr))
             .collect();
-        drop(pool.remove_unwanted(|addr| wanted.contains(addr)));
+        pool.retire_unwanted(|addr| wanted.contains(addr));
 
         for (mut svc, needs) in next {
             if needs {
@@ -930,9 +931,13 @@ impl<S: Source> Daemon<S> {
             }
             self.services.push(svc);
         }
+        let retiring = pool.take_retiring();
         drop(pool.drain()); // closes what nobody took (and removes our Unix socket files)
         for i in 0..self.services.len() {
             self.rearm(i);
+        }
+        for old in retiring {
+            self.accept_retiring(old);
         }
         log::info!(
             "reload: {} kept, {} added{}, {} changed{}, {} removed{}",
@@ -944,6 +949,50 @@ impl<S: Source> Daemon<S> {
             removed.len(),
             list_names(&removed)
         );
+    }
+
+    /// A nowait listener that no service wants any more: connections the kernel completed on
+    /// it before its replacement was bound are accepted and served by the service that now
+    /// listens on their address (closed if none does), then the socket is closed. A
+    /// wait-mode socket is left to the process that holds it.
+    fn accept_retiring(&mut self, old: sockets::Bound) {
+        if !old.addr.is_stream() || !old.is_nonblocking() {
+            return;
+        }
+        loop {
+            let (conn, peer) = match old.socket.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return, // WouldBlock: the queue is empty
+            };
+            let local = conn.local_addr().ok().and_then(|a| a.as_socket());
+            let owner = local.and_then(|local| {
+                self.services.iter().enumerate().find_map(|(i, svc)| {
+                    if svc.def.mode != Mode::Nowait {
+                        return None;
+                    }
+                    svc.def
+                        .listen
+                        .iter()
+                        .position(|l| match &l.addr {
+                            ListenAddr::Tcp(a) => {
+                                a.port() == local.port()
+                                    && (a.ip() == local.ip() || a.ip().is_unspecified())
+                            }
+                            _ => false,
+                        })
+                        .map(|slot| (i, slot))
+                })
+            });
+            match owner {
+                Some((i, slot)) => self.handle_connection(i, slot, conn, peer.as_socket()),
+                None => log::info!(
+                    "reload: {} queued on {} (no longer served) closed",
+                    peer.as_socket().map(|p| p.to_string()).unwrap_or_default(),
+                    old.addr
+                ),
+            }
+        }
     }
 
     /// Give every empty slot a socket: from the pool when its address was already bound, else
@@ -961,7 +1010,7 @@ impl<S: Source> Daemon<S> {
                     }
                     Some(b)
                 }
-                None => match sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket) {
+                None => match pool.bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket) {
                     Ok(b) => {
                         log::info!("{}: listening on {}", svc.def.name, listen.addr);
                         Some(b)

@@ -33,6 +33,11 @@ impl Bound {
         self.socket.as_raw_fd()
     }
 
+    /// Whether this process made the socket non-blocking (a nowait listener).
+    pub fn is_nonblocking(&self) -> bool {
+        self.nonblocking == Some(true)
+    }
+
     /// Make the socket (non-)blocking, unless we already did. `O_NONBLOCK` belongs to the open
     /// socket and so is shared with a service that holds it: a running wait-mode service
     /// that made its listeners non-blocking must never see them turned blocking under it
@@ -94,33 +99,10 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
         addr: addr.clone(),
         source,
     };
-    let backlog = backlog.min(i32::MAX as u32) as i32;
     match addr {
-        ListenAddr::Tcp(sa) | ListenAddr::Udp(sa) => {
-            let ty = if matches!(addr, ListenAddr::Tcp(_)) {
-                Type::STREAM
-            } else {
-                Type::DGRAM
-            };
-            let socket = Socket::new(Domain::for_address(*sa), ty, None).map_err(fail)?;
-            if ty == Type::STREAM {
-                socket.set_reuse_address(true).map_err(fail)?;
-            }
-            if sa.is_ipv6() {
-                socket.set_only_v6(true).map_err(fail)?;
-            }
-            socket.bind(&SockAddr::from(*sa)).map_err(fail)?;
-            if ty == Type::STREAM {
-                socket.listen(backlog).map_err(fail)?;
-            }
-            Ok(Bound {
-                addr: addr.clone(),
-                socket,
-                owned_path: None,
-                nonblocking: None,
-            })
-        }
+        ListenAddr::Tcp(_) | ListenAddr::Udp(_) => bind_with(addr, backlog, false),
         ListenAddr::Unix(path) => {
+            let backlog = backlog.min(i32::MAX as u32) as i32;
             let (socket, id) = bind_unix(path, unix).map_err(fail)?;
             let bound = Bound {
                 addr: addr.clone(),
@@ -132,6 +114,47 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
             Ok(bound)
         }
     }
+}
+
+/// Bind an IP address; with `share`, beside a socket of ours that already covers it (see
+/// [`Pool::bind`]), `SO_REUSEPORT` being cleared again once the socket listens.
+fn bind_with(addr: &ListenAddr, backlog: u32, share: bool) -> Result<Bound, BindError> {
+    let fail = |source: io::Error| BindError {
+        addr: addr.clone(),
+        source,
+    };
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    let (ListenAddr::Tcp(sa) | ListenAddr::Udp(sa)) = addr else {
+        return Err(fail(io::Error::other("not an IP address")));
+    };
+    let ty = if matches!(addr, ListenAddr::Tcp(_)) {
+        Type::STREAM
+    } else {
+        Type::DGRAM
+    };
+    let socket = Socket::new(Domain::for_address(*sa), ty, None).map_err(fail)?;
+    if ty == Type::STREAM {
+        socket.set_reuse_address(true).map_err(fail)?;
+    }
+    if share {
+        socket.set_reuse_port(true).map_err(fail)?;
+    }
+    if sa.is_ipv6() {
+        socket.set_only_v6(true).map_err(fail)?;
+    }
+    socket.bind(&SockAddr::from(*sa)).map_err(fail)?;
+    if ty == Type::STREAM {
+        socket.listen(backlog).map_err(fail)?;
+    }
+    if share {
+        socket.set_reuse_port(false).map_err(fail)?;
+    }
+    Ok(Bound {
+        addr: addr.clone(),
+        socket,
+        owned_path: None,
+        nonblocking: None,
+    })
 }
 
 /// Bind a Unix stream socket at `path` with the configured mode and owner.
@@ -458,6 +481,9 @@ pub struct Pool {
     /// Inherited sockets whose address did not match by itself, with their `LISTEN_FDNAMES`
     /// name, kept for matching by name.
     by_name: Vec<(String, Bound)>,
+    /// Sockets no service wants any more, kept open until the addresses replacing them are
+    /// bound (see [`Pool::bind`]) and what they queued was accepted.
+    retiring: Vec<Bound>,
 }
 
 impl Pool {
@@ -490,15 +516,66 @@ impl Pool {
     }
 
     /// Take out the sockets whose address `keep` says no, to close them.
-    pub fn remove_unwanted(&mut self, keep: impl Fn(&ListenAddr) -> bool) -> Vec<Bound> {
+    pub fn retire_unwanted(&mut self, keep: impl Fn(&ListenAddr) -> bool) {
         let gone: Vec<ListenAddr> = self.sockets.keys().filter(|a| !keep(a)).cloned().collect();
-        gone.iter().filter_map(|a| self.sockets.remove(a)).collect()
+        let gone = gone.iter().filter_map(|a| self.sockets.remove(a));
+        self.retiring.extend(gone);
+    }
+
+    /// The retiring sockets, to accept what they queued and close them.
+    pub fn take_retiring(&mut self) -> Vec<Bound> {
+        std::mem::take(&mut self.retiring)
+    }
+
+    /// Bind `addr` beside the retiring sockets. An address that a retiring socket still
+    /// covers (a reload narrowing `0.0.0.0:P` to `127.0.0.1:P`) cannot be bound while that
+    /// socket listens, and closing it first would refuse the clients that arrive in between
+    /// and reset those it queued. So the two share the port for a moment: `SO_REUSEPORT` on
+    /// both (only a socket of the same user can join), the new, more specific socket takes
+    /// every new connection, and the flag is cleared on the new socket once it listens.
+    pub fn bind(
+        &mut self,
+        addr: &ListenAddr,
+        backlog: u32,
+        unix: &UnixSocketOptions,
+    ) -> Result<Bound, BindError> {
+        let first = bind(addr, backlog, unix);
+        let Err(e) = &first else { return first };
+        let (ListenAddr::Tcp(sa) | ListenAddr::Udp(sa)) = addr else {
+            return first;
+        };
+        if e.source.raw_os_error() != Some(libc::EADDRINUSE) {
+            return first;
+        }
+        let covering: Vec<&Bound> = self
+            .retiring
+            .iter()
+            .filter(|b| match (&b.addr, addr) {
+                (ListenAddr::Tcp(o), ListenAddr::Tcp(_))
+                | (ListenAddr::Udp(o), ListenAddr::Udp(_)) => {
+                    o.port() == sa.port()
+                        && o.is_ipv4() == sa.is_ipv4()
+                        && (o.ip() == sa.ip()
+                            || o.ip().is_unspecified()
+                            || sa.ip().is_unspecified())
+                }
+                _ => false,
+            })
+            .collect();
+        if covering.is_empty() {
+            return first;
+        }
+        for b in &covering {
+            let _ = b.socket.set_reuse_port(true);
+        }
+        bind_with(addr, backlog, true)
     }
 
     /// What is left over (sockets nobody took), emptying the pool.
     pub fn drain(&mut self) -> Vec<Bound> {
         let mut v: Vec<Bound> = self.sockets.drain().map(|(_, b)| b).collect();
         v.extend(self.by_name.drain(..).map(|(_, b)| b));
+        v.append(&mut self.retiring);
         v
     }
 

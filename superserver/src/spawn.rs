@@ -405,11 +405,20 @@ impl Template {
             // Every signal back to its default disposition before unblocking: our handlers
             // are inherited (the table is copied, not shared), and an ignored signal would
             // stay ignored through exec (SIGPIPE is ignored by Rust's runtime; whatever our
-            // own launcher ignored, SIGQUIT or SIGUSR1, would be too). glibc refuses its two
-            // internal signals; that is fine.
-            for sig in 1..libc::SIGRTMAX() {
+            // own launcher ignored, SIGQUIT or SIGUSR1, would be too). The raw system call,
+            // because glibc's wrapper refuses its two internal real-time signals. An all-zero
+            // kernel `sigaction` is SIG_DFL with no flags and an empty mask, whatever the
+            // architecture's field order; the buffer is larger than any architecture's.
+            let dfl = [0u64; 8];
+            for sig in 1..=64 {
                 if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        dfl.as_ptr(),
+                        std::ptr::null_mut::<u64>(),
+                        8usize,
+                    );
                 }
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();
