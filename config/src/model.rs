@@ -220,6 +220,10 @@ pub struct Service {
     pub credentials: Option<Box<Credentials>>,
     /// `allow_root = true` lets a root superserver run this service as root.
     pub allow_root: bool,
+    /// `no_new_privs = true`: the child runs with `PR_SET_NO_NEW_PRIVS`, so neither it nor
+    /// anything it executes can gain privileges (setuid/setgid bits and file capabilities
+    /// are ignored).
+    pub no_new_privs: bool,
     /// Variables set for the child (`env`).
     pub env: BTreeMap<String, String>,
     /// Variables copied from the superserver's environment when set (`pass_env`,

@@ -751,6 +751,7 @@ impl Validator<'_> {
             access,
             credentials: credentials?.map(Box::new),
             allow_root,
+            no_new_privs: raw.no_new_privs.unwrap_or(false),
             env,
             pass_env,
             working_directory,

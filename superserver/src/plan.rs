@@ -55,6 +55,9 @@ pub fn run_line(s: &Service) -> String {
     if let Some(d) = &s.working_directory {
         parts.push(format!("in {}", d.display()));
     }
+    if s.no_new_privs {
+        parts.push("no_new_privs".to_string());
+    }
     if !s.access.is_empty() {
         parts.push("allow/deny rules".to_string());
     }

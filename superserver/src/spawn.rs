@@ -57,6 +57,7 @@ enum Step {
     Setgroups,
     Setgid,
     Setuid,
+    NoNewPrivs,
     Exec,
 }
 
@@ -130,6 +131,8 @@ pub struct Template {
     umask: Option<libc::mode_t>,
     /// `None` means `/`.
     cwd: Option<CString>,
+    /// `PR_SET_NO_NEW_PRIVS` before exec.
+    no_new_privs: bool,
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString, String> {
@@ -254,6 +257,7 @@ impl Template {
             limits: svc.limits,
             umask: svc.umask.map(|m| m as libc::mode_t),
             cwd,
+            no_new_privs: svc.no_new_privs,
         })
     }
 
@@ -379,6 +383,7 @@ impl Template {
             Some(Step::Setgroups) => format!("setgroups: {errno}"),
             Some(Step::Setgid) => format!("setgid: {errno}"),
             Some(Step::Setuid) => format!("setuid: {errno}"),
+            Some(Step::NoNewPrivs) => format!("prctl PR_SET_NO_NEW_PRIVS: {errno}"),
             Some(Step::Exec) | None => format!("exec: {errno}"),
         };
         Err(SpawnError(reason))
@@ -550,6 +555,9 @@ impl Template {
             let cwd = self.cwd.as_deref().unwrap_or(c"/");
             if libc::chdir(cwd.as_ptr()) != 0 {
                 fail(Step::Chdir);
+            }
+            if self.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                fail(Step::NoNewPrivs);
             }
             if program_fd >= 0 {
                 libc::syscall(

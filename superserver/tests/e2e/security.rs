@@ -701,3 +701,19 @@ fn per_connection_variables_win_over_the_environment() {
     assert_eq!(r["env"]["REMOTE_ADDR"], "127.0.0.2");
     assert_eq!(r["env"]["TCPREMOTEIP"], "127.0.0.2");
 }
+
+/// `no_new_privs = true` reaches the child (and nothing else changes without it).
+#[test]
+fn no_new_privs_is_set_when_asked() {
+    let status_of = |extra: &str| {
+        let (l, addr) = tcp_listener("127.0.0.1");
+        let config = format!(
+            "[service.nnp]\nmode = \"nowait\"\nexec = [\"/bin/grep\", \"^NoNewPrivs:\", \"/proc/self/status\"]\nlisten = \"{addr}\"\nuser_if_root = \"nobody\"\n{extra}"
+        );
+        let _server = Server::start(&config, vec![l]);
+        let (line, _conn) = read_line(addr).unwrap();
+        line
+    };
+    assert_eq!(status_of("no_new_privs = true\n").trim(), "NoNewPrivs:\t1");
+    assert_eq!(status_of("").trim(), "NoNewPrivs:\t0");
+}
