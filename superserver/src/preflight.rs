@@ -39,10 +39,7 @@ pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
                     "{key}: in use, by a process this check cannot see (fine if it is systemd \
                      or a running superserver; run --check as root to see which)"
                 ));
-            } else if holders
-                .iter()
-                .all(|(_, comm)| FRIENDLY.contains(&comm.as_str()))
-            {
+            } else if holders.iter().all(|h| friendly(h, &holders)) {
                 notes.push(format!(
                     "{key}: held by {} (fine: kept or passed on)",
                     list(&holders)
@@ -56,6 +53,23 @@ pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
         }
     }
     (errors, notes)
+}
+
+/// A holder that is a superserver or systemd, or a service one of them started with the
+/// socket (a running wait-mode service holds it too).
+fn friendly(h: &(i32, String), all: &[(i32, String)]) -> bool {
+    let is = |comm: &str| FRIENDLY.contains(&comm);
+    if is(&h.1) {
+        return true;
+    }
+    let ppid = std::fs::read_to_string(format!("/proc/{}/stat", h.0))
+        .ok()
+        .and_then(|stat| {
+            // The command may hold spaces and parentheses: the fields follow the last ')'.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+        });
+    ppid.is_some_and(|pp| pp == 1 || all.iter().any(|(pid, comm)| *pid == pp && is(comm)))
 }
 
 fn list(holders: &[(i32, String)]) -> String {

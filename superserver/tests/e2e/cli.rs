@@ -130,3 +130,29 @@ fn check_names_the_program_holding_a_port_and_accepts_a_running_superserver() {
     );
     assert!(stdout.contains("held by superserver (pid "), "{stdout}");
 }
+
+/// The same while a wait-mode service runs: it holds the sockets too, as the superserver's
+/// child, and that is fine.
+#[test]
+fn check_accepts_a_port_held_by_a_running_wait_service() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let text = format!(
+        "[service.day]\nexec = [\"{{SMALL}}\", \"--idle-timeout=60s\", \"--protocol\", \"daytime\"]\nlisten = \"{addr}\"\nuser_if_root = \"nobody\"\n"
+    );
+    let server = Server::start(&text, vec![l]);
+    read_line(addr).unwrap();
+    server.wait_log("day: started pid");
+    let out = Command::new(superserver_bin())
+        .arg("--check")
+        .arg(server.dir.path().join("superserver.toml"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("small-services (pid "), "{stdout}");
+}
