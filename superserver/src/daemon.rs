@@ -707,26 +707,23 @@ impl<S: Source> Daemon<S> {
                 self.rearm(i);
             }
             Kind::Wait => {
-                let Some(i) = i else {
+                let ended = |why: &str| {
                     log::info!(
-                        "{}: pid {} {} after {} (service removed)",
+                        "{}: pid {} ({why}) {} after {}",
                         exit.child.service,
                         exit.pid,
                         exit.describe(),
                         children::human(exit.runtime)
                     );
+                };
+                let Some(i) = i else {
+                    ended("service removed");
                     return;
                 };
                 let svc = &mut self.services[i];
                 if svc.wait_child != Some(exit.pid) {
                     // A process replaced after a reload changed its sockets.
-                    log::info!(
-                        "{}: pid {} (replaced by a reload) {} after {}",
-                        svc.def.name,
-                        exit.pid,
-                        exit.describe(),
-                        children::human(exit.runtime)
-                    );
+                    ended("replaced by a reload");
                     return;
                 }
                 svc.wait_child = None;

@@ -63,19 +63,18 @@ enum Step {
 
 impl Step {
     fn from_u8(v: u8) -> Option<Step> {
-        use Step::*;
-        [
-            Fds,
-            RlimitNofile,
-            RlimitNproc,
-            Chdir,
-            Setgroups,
-            Setgid,
-            Setuid,
-            Exec,
-        ]
-        .into_iter()
-        .find(|s| *s as u8 == v)
+        Some(match v {
+            1 => Step::Fds,
+            2 => Step::RlimitNofile,
+            3 => Step::RlimitNproc,
+            4 => Step::Chdir,
+            5 => Step::Setgroups,
+            6 => Step::Setgid,
+            7 => Step::Setuid,
+            8 => Step::NoNewPrivs,
+            9 => Step::Exec,
+            _ => return None,
+        })
     }
 }
 
@@ -685,7 +684,25 @@ fn write_decimal(buf: &mut [u8], mut n: u64) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::write_decimal;
+    use super::{Step, write_decimal};
+
+    #[test]
+    fn every_step_survives_the_trip_through_shared_memory() {
+        for step in [
+            Step::Fds,
+            Step::RlimitNofile,
+            Step::RlimitNproc,
+            Step::Chdir,
+            Step::Setgroups,
+            Step::Setgid,
+            Step::Setuid,
+            Step::NoNewPrivs,
+            Step::Exec,
+        ] {
+            assert_eq!(Step::from_u8(step as u8), Some(step));
+        }
+        assert_eq!(Step::from_u8(0), None);
+    }
 
     #[test]
     fn decimal_digits_are_written_in_place() {
