@@ -72,6 +72,10 @@ impl Children {
         self.map.insert(pid, child);
     }
 
+    pub fn get(&self, pid: i32) -> Option<&Child> {
+        self.map.get(&pid)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.map.is_empty()
     }

@@ -23,7 +23,8 @@ use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use superserver_config::{
-    Config, ConfigErrors, ConnectionPassing, Global, Listen, ListenAddr, Mode, Overflow, Service,
+    Config, ConfigErrors, ConnectionPassing, Global, Handoff, Listen, ListenAddr, LogPeer, Mode,
+    Overflow, Service,
 };
 
 use crate::children::{self, Child, Children, Exit, Kind};
@@ -64,7 +65,8 @@ struct Svc {
     slots: Vec<Slot>,
     armed: bool,
     /// Wait mode: the process holding the sockets.
-    wait_child: Option<i32>,
+    /// Wait mode: the processes holding the sockets (at most `instances`).
+    wait_children: Vec<i32>,
     /// Consecutive failed activations (wait mode), for the back-off.
     failures: u32,
     backoff_until: Option<Instant>,
@@ -96,7 +98,7 @@ impl Svc {
             return false;
         }
         match self.def.mode {
-            Mode::Wait => self.wait_child.is_none(),
+            Mode::Wait => self.wait_children.len() < self.def.instances as usize,
             Mode::Nowait => {
                 self.running < self.def.max_instances || self.def.overflow == Overflow::Close
             }
@@ -114,6 +116,14 @@ enum Timer {
     Service(u64),
     /// The shutdown grace period is over.
     Shutdown,
+    /// A nowait child may have run for its service's `max_duration` (SIGTERM), or for the
+    /// grace period after that (SIGKILL). `started` tells it from a later child with the
+    /// same pid.
+    Overrun {
+        pid: i32,
+        started: Instant,
+        kill: bool,
+    },
 }
 
 /// The running superserver.
@@ -159,6 +169,7 @@ impl<S: Source> Daemon<S> {
         let wanted: Vec<Listen> = config
             .services
             .iter()
+            .filter(|s| s.enabled)
             .flat_map(|s| s.listen.iter().cloned())
             .collect();
         pool.adopt(inherited, &wanted).map_err(StartError)?;
@@ -178,7 +189,8 @@ impl<S: Source> Daemon<S> {
             devnull,
             shutdown_deadline: None,
         };
-        for (def, template) in config.services.into_iter().zip(templates) {
+        let enabled = config.services.into_iter().zip(templates);
+        for (def, template) in enabled.filter(|(def, _)| def.enabled) {
             let mut svc = daemon.new_svc(def, template);
             for i in 0..svc.slots.len() {
                 let listen = svc.def.listen[i].clone();
@@ -233,7 +245,7 @@ impl<S: Source> Daemon<S> {
             template,
             slots,
             armed: false,
-            wait_child: None,
+            wait_children: Vec::new(),
             failures: 0,
             backoff_until: None,
             running: 0,
@@ -352,6 +364,7 @@ impl<S: Source> Daemon<S> {
             self.timers.pop();
             match timer {
                 Timer::Shutdown => self.kill_remaining(),
+                Timer::Overrun { pid, started, kill } => self.overrun(pid, started, kill, now),
                 Timer::Service(id) => {
                     if let Some(i) = self.find(id) {
                         self.service_timer(i, now);
@@ -397,6 +410,32 @@ impl<S: Source> Daemon<S> {
             self.retry_binds(i);
         }
         self.rearm(i);
+    }
+
+    /// A nowait child ran for its `max_duration`: SIGTERM to its process group, and SIGKILL
+    /// after the shutdown grace period if it is still there.
+    fn overrun(&mut self, pid: i32, started: Instant, kill: bool, now: Instant) {
+        let Some(child) = self.children.get(pid) else {
+            return;
+        };
+        if child.started != started {
+            return;
+        }
+        let name = child.service.clone();
+        let ran = children::human(now - started);
+        if kill {
+            log::warn!("{name}: pid {pid} still running {ran} after max_duration; SIGKILL");
+            signal_group(pid, libc::SIGKILL);
+        } else {
+            log::warn!("{name}: pid {pid} ran for {ran} (max_duration); SIGTERM");
+            signal_group(pid, libc::SIGTERM);
+            let timer = Timer::Overrun {
+                pid,
+                started,
+                kill: true,
+            };
+            self.add_timer(now + self.global.shutdown_grace, timer);
+        }
     }
 
     // ---------------------------------------------------------------- readiness
@@ -453,9 +492,11 @@ impl<S: Source> Daemon<S> {
         ok
     }
 
-    /// Wait mode: a socket became readable, start the service with all its sockets.
+    /// Wait mode: a socket became readable, start the service with all its sockets (one
+    /// more process, up to `instances`).
     fn activate(&mut self, i: usize) {
-        if self.services[i].wait_child.is_some() || !self.rate_allows(i, true) {
+        let svc = &self.services[i];
+        if svc.wait_children.len() >= svc.def.instances as usize || !self.rate_allows(i, true) {
             return;
         }
         let svc = &self.services[i];
@@ -473,13 +514,24 @@ impl<S: Source> Daemon<S> {
             .collect();
         let nfds = fds.len().to_string();
         let fdnames = names.join(":");
-        let env = [
-            ("LISTEN_FDS", OsStr::new(&nfds)),
-            ("LISTEN_FDNAMES", OsStr::new(&fdnames)),
-        ];
-        let result = svc
-            .template
-            .spawn(Fds::Listeners(&fds), &env, true, self.devnull.as_raw_fd());
+        let result = match svc.def.handoff {
+            // systemd's protocol: fd 3… with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES.
+            Handoff::ListenFds => {
+                let env = [
+                    ("LISTEN_FDS", OsStr::new(&nfds)),
+                    ("LISTEN_FDNAMES", OsStr::new(&fdnames)),
+                ];
+                svc.template
+                    .spawn(Fds::Listeners(&fds), &env, true, self.devnull.as_raw_fd())
+            }
+            // inetd's protocol: the one listening socket on stdin and stdout.
+            Handoff::Stdin => match fds.first() {
+                Some(&fd) => svc
+                    .template
+                    .spawn(Fds::StdinListener(fd), &[], false, self.devnull.as_raw_fd()),
+                None => return,
+            },
+        };
         let (name, id) = (svc.def.name.clone(), svc.id);
         match result {
             Ok(pid) => {
@@ -493,7 +545,7 @@ impl<S: Source> Daemon<S> {
                         kind: Kind::Wait,
                     },
                 );
-                self.services[i].wait_child = Some(pid);
+                self.services[i].wait_children.push(pid);
                 self.rearm(i);
             }
             Err(e) => {
@@ -583,7 +635,7 @@ impl<S: Source> Daemon<S> {
         peer: Option<SocketAddr>,
     ) {
         let svc = &mut self.services[i];
-        let peer_str = peer.map(|p| p.to_string()).unwrap_or_else(|| "unix".into());
+        let peer_str = peer_label(peer, svc.def.log_peer);
         let refusal = if let Some(p) = peer
             && !svc.def.access.is_empty()
             && !svc.def.access.permits(p.ip())
@@ -643,10 +695,19 @@ impl<S: Source> Daemon<S> {
             Ok(pid) => {
                 svc.running += 1;
                 log::debug!("{}: {peer_str} → pid {pid}", svc.def.name);
+                let started = Instant::now();
+                if let Some(limit) = svc.def.max_duration {
+                    let timer = Timer::Overrun {
+                        pid,
+                        started,
+                        kill: false,
+                    };
+                    self.timers.push(Reverse((started + limit, timer)));
+                }
                 let child = Child {
                     service: svc.def.name.clone(),
                     svc_id: svc.id,
-                    started: Instant::now(),
+                    started,
                     kind: Kind::Connection {
                         peer: peer_str,
                         source,
@@ -721,19 +782,23 @@ impl<S: Source> Daemon<S> {
                     return;
                 };
                 let svc = &mut self.services[i];
-                if svc.wait_child != Some(exit.pid) {
+                let Some(pos) = svc.wait_children.iter().position(|&p| p == exit.pid) else {
                     // A process replaced after a reload changed its sockets.
                     ended("replaced by a reload");
                     return;
-                }
-                svc.wait_child = None;
+                };
+                svc.wait_children.swap_remove(pos);
+                let others = !svc.wait_children.is_empty();
                 let fds: Vec<RawFd> = svc
                     .slots
                     .iter()
                     .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
                     .collect();
                 let pending = any_readable(&fds);
-                let failed = !exit.success() || (exit.runtime < QUICK_EXIT && pending);
+                // Quick and leaving connections queued that no other instance will take: it
+                // did not do its job.
+                let failed =
+                    !exit.success() || (exit.runtime < QUICK_EXIT && pending && !others);
                 let head = format!(
                     "{}: pid {} {} after {}",
                     svc.def.name,
@@ -827,7 +892,9 @@ impl<S: Source> Daemon<S> {
         let (mut kept, mut added, mut changed) = (Vec::new(), Vec::new(), Vec::new());
         let mut next: Vec<(Svc, bool)> = Vec::new(); // (service, needs sockets)
 
-        for (def, template) in config.services.into_iter().zip(templates) {
+        // A disabled service (`enable = false`) is not served: one that ran is removed.
+        let enabled = config.services.into_iter().zip(templates);
+        for (def, template) in enabled.filter(|(def, _)| def.enabled) {
             let Some(mut svc) = old.remove(&def.name) else {
                 added.push(def.name.clone());
                 let svc = self.new_svc(def, template);
@@ -868,7 +935,7 @@ impl<S: Source> Daemon<S> {
                 // and exit, and let the next connection start a new one with the new set
                 // right away (the old one stops accepting on SIGTERM; what it accepted it
                 // serves). Connections queued on an address that stays are not lost.
-                if let Some(pid) = svc.wait_child.take() {
+                for pid in std::mem::take(&mut svc.wait_children) {
                     log::info!(
                         "{}: its sockets changed; SIGTERM to pid {pid} to drain, the next \
                          connection starts it with the new set",
@@ -900,7 +967,7 @@ impl<S: Source> Daemon<S> {
         removed.sort();
         for (_, mut svc) in old {
             deregister(self.poll.registry(), &mut svc);
-            if let Some(pid) = svc.wait_child {
+            for &pid in &svc.wait_children {
                 log::info!("{}: removed; SIGTERM to pid {pid}", svc.def.name);
                 signal_group(pid, libc::SIGTERM);
             }
@@ -984,8 +1051,7 @@ impl<S: Source> Daemon<S> {
             match owner {
                 Some((i, slot)) => self.handle_connection(i, slot, conn, peer.as_socket()),
                 None => log::info!(
-                    "reload: {} queued on {} (no longer served) closed",
-                    peer.as_socket().map(|p| p.to_string()).unwrap_or_default(),
+                    "reload: a connection queued on {} (no longer served) closed",
                     old.addr
                 ),
             }
@@ -1216,6 +1282,23 @@ fn peer_env(peer: Option<SocketAddr>, local: Option<SocketAddr>) -> Vec<(&'stati
         env.push(("TCPLOCALPORT", local.port().to_string()));
     }
     env
+}
+
+/// The client as a log line shows it (`log_peer`): "203.0.113.7:40112", "203.0.113.0/24",
+/// or no address at all.
+fn peer_label(peer: Option<SocketAddr>, how: LogPeer) -> String {
+    let Some(peer) = peer else {
+        return "unix".into();
+    };
+    match how {
+        LogPeer::Full => peer.to_string(),
+        LogPeer::Masked => {
+            let masked = superserver_config::mask_peer(peer.ip());
+            let bits = if masked.is_ipv4() { 24 } else { 48 };
+            format!("{masked}/{bits}")
+        }
+        LogPeer::None => "a client".into(),
+    }
 }
 
 fn list_names(names: &[String]) -> String {

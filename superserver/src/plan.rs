@@ -1,7 +1,7 @@
 //! Describing a configuration in words: the plan printed by `--check` and at start-up, and
 //! the one line a newcomer can try.
 
-use superserver_config::{Config, ListenAddr, Mode, Service};
+use superserver_config::{Config, Handoff, ListenAddr, LogPeer, Mode, Service};
 
 /// "small (wait): echo tcp://127.0.0.1:7007, echo udp://127.0.0.1:7007 → /usr/bin/small-services"
 pub fn service_line(s: &Service) -> String {
@@ -14,6 +14,12 @@ pub fn service_line(s: &Service) -> String {
         .iter()
         .map(|l| format!("{} {}", l.name, l.addr))
         .collect();
+    let mode = match (s.enabled, s.handoff, s.instances) {
+        (false, ..) => format!("{mode}, disabled: nothing bound"),
+        (true, Handoff::Stdin, _) => format!("{mode}, socket on stdin"),
+        (true, _, n) if n > 1 => format!("{mode}, {n} instances"),
+        _ => mode,
+    };
     format!(
         "{} ({mode}): {} → {}",
         s.name,
@@ -55,6 +61,14 @@ pub fn run_line(s: &Service) -> String {
     if let Some(d) = &s.working_directory {
         parts.push(format!("in {}", d.display()));
     }
+    if let Some(d) = s.max_duration {
+        parts.push(format!("max_duration {}", crate::children::human(d)));
+    }
+    match s.log_peer {
+        LogPeer::Full => {}
+        LogPeer::Masked => parts.push("client addresses masked in logs".into()),
+        LogPeer::None => parts.push("no client address in logs".into()),
+    }
     if s.no_new_privs {
         parts.push("no_new_privs".to_string());
     }
@@ -80,7 +94,13 @@ pub fn describe(config: &Config) -> String {
 /// A command that talks to one of the services: daytime if there is one (it answers without
 /// input), else the first TCP or Unix stream socket.
 pub fn try_line(config: &Config) -> Option<String> {
-    let listens = || config.services.iter().flat_map(|s| s.listen.iter());
+    let listens = || {
+        config
+            .services
+            .iter()
+            .filter(|s| s.enabled)
+            .flat_map(|s| s.listen.iter())
+    };
     let pick = listens()
         .find(|l| l.name == "daytime" && l.addr.is_stream())
         .or_else(|| listens().find(|l| l.addr.is_stream()))?;

@@ -19,7 +19,7 @@ const FRIENDLY: &[&str] = &["superserver", "systemd"];
 pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
     let mut errors = Vec::new();
     let mut notes = Vec::new();
-    for svc in &config.services {
+    for svc in config.services.iter().filter(|s| s.enabled) {
         for listen in &svc.listen {
             let (sa, ty) = match &listen.addr {
                 ListenAddr::Tcp(sa) => (*sa, Type::STREAM),

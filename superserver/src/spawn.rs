@@ -42,6 +42,9 @@ pub enum Fds<'a> {
     Stdio(RawFd),
     /// Nowait, systemd `Accept=yes` style: the connection at fd 3; stdin is `/dev/null`.
     Fd3(RawFd),
+    /// Wait, inetd style: the one listening socket on stdin and stdout; stderr stays ours
+    /// (inetd puts the socket on fd 2 too, where a program's messages would be lost).
+    StdinListener(RawFd),
 }
 
 /// The step of the child's set-up that failed, reported to the parent through the memory it
@@ -435,7 +438,7 @@ impl Template {
             // The program's descriptor goes above every target first, like the sockets.
             let low = match *fds {
                 Fds::Listeners(list) => 3 + list.len() as RawFd,
-                Fds::Stdio(_) => 3,
+                Fds::Stdio(_) | Fds::StdinListener(_) => 3,
                 Fds::Fd3(_) => 4,
             };
             let mut program_fd = -1;
@@ -463,7 +466,9 @@ impl Template {
                     }
                     ok
                 }
-                Fds::Stdio(conn) => libc::dup2(conn, 0) == 0 && libc::dup2(conn, 1) == 1,
+                Fds::Stdio(conn) | Fds::StdinListener(conn) => {
+                    libc::dup2(conn, 0) == 0 && libc::dup2(conn, 1) == 1
+                }
                 Fds::Fd3(conn) => {
                     let tmp = libc::fcntl(conn, libc::F_DUPFD_CLOEXEC, 4);
                     tmp >= 0
