@@ -89,17 +89,29 @@ fn entry(
         "udp46" => ("udp", true, true),
         "unix" => ("unix", false, false),
         p if p.starts_with("rpc/") => ("rpc", false, false),
-        p => return Err(format!("unknown protocol {p:?} (expected tcp, udp, tcp6, udp6 or unix)")),
+        p => {
+            return Err(format!(
+                "unknown protocol {p:?} (expected tcp, udp, tcp6, udp6 or unix)"
+            ));
+        }
     };
     match (socktype, scheme) {
         ("stream", "tcp" | "unix" | "rpc") | ("dgram", "udp" | "unix" | "rpc") => {}
         ("stream" | "dgram", _) => {
-            return Err(format!("socket type {socktype} does not go with protocol {proto}"));
+            return Err(format!(
+                "socket type {socktype} does not go with protocol {proto}"
+            ));
         }
         ("raw" | "rdm" | "seqpacket", _) => {
-            s.unusable = Some(format!("socket type {socktype} (superserver has stream and dgram only)"));
+            s.unusable = Some(format!(
+                "socket type {socktype} (superserver has stream and dgram only)"
+            ));
         }
-        (t, _) => return Err(format!("unknown socket type {t:?} (expected stream or dgram)")),
+        (t, _) => {
+            return Err(format!(
+                "unknown socket type {t:?} (expected stream or dgram)"
+            ));
+        }
     }
     if family46 {
         s.note(format!(
@@ -126,7 +138,11 @@ fn entry(
                     "{wait_field}: inetd's limit of {n} starts a minute became a token bucket"
                 ));
             }
-            _ => return Err(format!("{wait_field}: the rate after the dot must be 1..=1000000")),
+            _ => {
+                return Err(format!(
+                    "{wait_field}: the rate after the dot must be 1..=1000000"
+                ));
+            }
         }
     }
     if !s.wait && socktype == "dgram" && s.unusable.is_none() {
@@ -138,7 +154,10 @@ fn entry(
     }
 
     // user[:group] or user.group
-    let (user, group) = match user_field.split_once(':').or_else(|| user_field.split_once('.')) {
+    let (user, group) = match user_field
+        .split_once(':')
+        .or_else(|| user_field.split_once('.'))
+    {
         Some((u, g)) => (u, Some(g)),
         None => (user_field, None),
     };
@@ -163,11 +182,14 @@ fn entry(
             s.comments
                 .push("inetd made unix sockets mode 0666 (socket_mode)".to_string());
             if socktype == "dgram" {
-                s.unusable = Some("unix dgram socket (superserver's unix sockets are stream)".into());
+                s.unusable =
+                    Some("unix dgram socket (superserver's unix sockets are stream)".into());
             }
         }
         "rpc" => {
-            s.unusable = Some(format!("RPC service {svc} over {proto} (no portmapper support)"));
+            s.unusable = Some(format!(
+                "RPC service {svc} over {proto} (no portmapper support)"
+            ));
             s.listen = vec![format!("{proto}:{svc}")];
         }
         _ => {

@@ -333,10 +333,7 @@ fn render_one(name: &str, s: &Service) -> String {
         if s.wait { "wait" } else { "nowait" }
     ));
     body.push_str(&format!("exec = {}\n", toml_out::array(&s.exec)));
-    body.push_str(&format!(
-        "listen = {}\n",
-        toml_out::one_or_array(&s.listen)
-    ));
+    body.push_str(&format!("listen = {}\n", toml_out::one_or_array(&s.listen)));
     if s.wait {
         body.push_str("handoff = \"stdin\"\n");
     }
@@ -346,7 +343,10 @@ fn render_one(name: &str, s: &Service) -> String {
             "# the original ran as root: allow_root keeps that; a dedicated user is safer \
              (e.g. user = \"nobody\")\n",
         );
-        body.push_str(&format!("user = {}\nallow_root = true\n", toml_out::string(user)));
+        body.push_str(&format!(
+            "user = {}\nallow_root = true\n",
+            toml_out::string(user)
+        ));
     } else {
         body.push_str(&format!("user = {}\n", toml_out::string(user)));
     }
@@ -420,7 +420,9 @@ fn render_small(internal: &[Service], out: &mut String, used: &mut Vec<String>) 
                 order.len() - 1
             }
         };
-        let entry = listen.entry(i).or_insert_with(|| (proto.clone(), Vec::new()));
+        let entry = listen
+            .entry(i)
+            .or_insert_with(|| (proto.clone(), Vec::new()));
         for l in &s.listen {
             if !entry.1.contains(l) {
                 entry.1.push(l.clone());

@@ -108,11 +108,15 @@ pub fn read(
             let (file, line) = b.origin.rsplit_once(':').unwrap_or((&b.origin, "0"));
             ImportError::at(Path::new(file), line.parse().unwrap_or(0), m)
         })?;
-        let id = b.get("id").and_then(|a| a.values.first()).unwrap_or(&b.name);
+        let id = b
+            .get("id")
+            .and_then(|a| a.values.first())
+            .unwrap_or(&b.name);
         if disabled.contains(id) || enabled.as_ref().is_some_and(|e| !e.contains(id)) {
             s.enable = false;
-            s.comments
-                .push(format!("disabled by the defaults' enabled/disabled lists ({id})"));
+            s.comments.push(format!(
+                "disabled by the defaults' enabled/disabled lists ({id})"
+            ));
         }
         out.push(s);
     }
@@ -121,8 +125,19 @@ pub fn read(
 
 /// Attributes of `defaults` that are applied to each service (or read above).
 const MAPPED_DEFAULTS: &[&str] = &[
-    "only_from", "no_access", "instances", "per_source", "cps", "passenv", "env", "bind",
-    "interface", "umask", "enabled", "disabled", "groups",
+    "only_from",
+    "no_access",
+    "instances",
+    "per_source",
+    "cps",
+    "passenv",
+    "env",
+    "bind",
+    "interface",
+    "umask",
+    "enabled",
+    "disabled",
+    "groups",
 ];
 
 impl Reader<'_> {
@@ -168,7 +183,13 @@ impl Reader<'_> {
             let words: Vec<&str> = line.split_whitespace().collect();
             match words[0] {
                 "include" | "includedir" if words.len() == 2 => {
-                    let target = rooted(self.root, Path::new(words[1]));
+                    // Absolute: under --root; relative: next to the including file.
+                    let named = Path::new(words[1]);
+                    let target = if named.is_absolute() {
+                        rooted(self.root, named)
+                    } else {
+                        path.parent().unwrap_or(Path::new(".")).join(named)
+                    };
                     if words[0] == "include" {
                         self.file(&target)?;
                     } else {
@@ -218,8 +239,8 @@ impl Reader<'_> {
                             closed = true;
                             break;
                         }
-                        let (attr, op, values) = attribute(aline)
-                            .map_err(|m| ImportError::at(path, an, m))?;
+                        let (attr, op, values) =
+                            attribute(aline).map_err(|m| ImportError::at(path, an, m))?;
                         if words[0] == "defaults" {
                             let mut d = Block {
                                 name: String::new(),
@@ -233,7 +254,9 @@ impl Reader<'_> {
                         }
                     }
                     if !closed {
-                        return Err(err(format!("{line:?}: no closing `}}` before the end of the file")));
+                        return Err(err(format!(
+                            "{line:?}: no closing `}}` before the end of the file"
+                        )));
                     }
                     if words[0] == "service" {
                         self.blocks.push(block);
@@ -270,7 +293,10 @@ fn attribute(line: &str) -> Result<(String, &'static str, Vec<String>), String> 
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
         return Err(format!("expected `attribute = value`, found {line:?}"));
     }
-    let values = line[eq + 1..].split_whitespace().map(str::to_string).collect();
+    let values = line[eq + 1..]
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
     Ok((name.to_string(), op, values))
 }
 
@@ -314,10 +340,14 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
     };
     let types: Vec<String> = attr("type").unwrap_or_default();
     let flags: Vec<String> = attr("flags").unwrap_or_default();
-    let socket_type = one("socket_type")
-        .ok_or_else(|| format!("service {}: socket_type is required", b.name))?;
+    let socket_type =
+        one("socket_type").ok_or_else(|| format!("service {}: socket_type is required", b.name))?;
     let proto = one("protocol").unwrap_or_else(|| {
-        if socket_type == "dgram" { "udp".into() } else { "tcp".into() }
+        if socket_type == "dgram" {
+            "udp".into()
+        } else {
+            "tcp".into()
+        }
     });
     s.proto = proto.clone();
     let wait = one("wait").ok_or_else(|| format!("service {}: wait is required", b.name))?;
@@ -332,7 +362,11 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
     }
     match socket_type.as_str() {
         "stream" | "dgram" => {}
-        t => s.unusable = Some(format!("socket_type = {t} (superserver has stream and dgram only)")),
+        t => {
+            s.unusable = Some(format!(
+                "socket_type = {t} (superserver has stream and dgram only)"
+            ))
+        }
     }
     if types.iter().any(|t| t == "RPC") {
         s.unusable = Some("type = RPC (no portmapper support)".into());
@@ -341,9 +375,8 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
         s.unusable = Some("type = TCPMUX (no TCPMUX support)".into());
     }
     if !s.wait && socket_type == "dgram" && s.unusable.is_none() {
-        s.unusable = Some(
-            "wait = no on dgram (nowait mode accepts stream connections only)".into(),
-        );
+        s.unusable =
+            Some("wait = no on dgram (nowait mode accepts stream connections only)".into());
     }
 
     // the socket
@@ -376,15 +409,20 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
 
     // the program
     if s.internal.is_none() && s.unusable.is_none() {
-        let server = one("server").ok_or_else(|| format!("service {}: server is required", b.name))?;
+        let server =
+            one("server").ok_or_else(|| format!("service {}: server is required", b.name))?;
         let args = attr("server_args").unwrap_or_default();
         s.exec = if flags.iter().any(|f| f == "NAMEINARGS") {
             if let Some(a0) = args.first()
                 && Some(a0.as_str()) != server.rsplit('/').next()
             {
-                s.note(format!("argv[0] = {a0} (NAMEINARGS; exec[0] is both the program and its argv[0])"));
+                s.note(format!(
+                    "argv[0] = {a0} (NAMEINARGS; exec[0] is both the program and its argv[0])"
+                ));
             }
-            std::iter::once(server).chain(args.into_iter().skip(1)).collect()
+            std::iter::once(server)
+                .chain(args.into_iter().skip(1))
+                .collect()
         } else {
             std::iter::once(server).chain(args).collect()
         };
@@ -406,7 +444,11 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
                 }
             }
             "instances" | "per_source" => {
-                let key = if a.name == "instances" { "max_instances" } else { "max_per_source" };
+                let key = if a.name == "instances" {
+                    "max_instances"
+                } else {
+                    "max_per_source"
+                };
                 if joined.eq_ignore_ascii_case("UNLIMITED") {
                     continue;
                 }
@@ -431,7 +473,11 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
                 _ => s.note(format!("cps = {joined} (not a rate in 1..=1000000)")),
             },
             "only_from" | "no_access" => {
-                let key = if a.name == "only_from" { "allow" } else { "deny" };
+                let key = if a.name == "only_from" {
+                    "allow"
+                } else {
+                    "deny"
+                };
                 let (nets, dropped) = addresses(v);
                 if !dropped.is_empty() {
                     s.note(format!(
@@ -443,10 +489,17 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
                 if key == "allow" && nets.is_empty() {
                     // An empty only_from (or one of names only) lets nobody in; allow = [] would
                     // let everybody in.
-                    s.comments.push(format!(
-                        "only_from = {joined} let no address in as imported: deny everything"
-                    ));
-                    s.key("deny", toml_out::array(&["0.0.0.0/0".into(), "::/0".into()]));
+                    s.comments.push(if joined.is_empty() {
+                        "only_from is empty: xinetd let no address in; so does deny".to_string()
+                    } else {
+                        format!(
+                            "only_from = {joined}: no address is left to allow; deny everything"
+                        )
+                    });
+                    s.key(
+                        "deny",
+                        toml_out::array(&["0.0.0.0/0".into(), "::/0".into()]),
+                    );
                 } else if !nets.is_empty() {
                     s.key(key, toml_out::array(&nets));
                 }
@@ -455,11 +508,9 @@ fn map(b: &Block, services: &Services) -> Result<Service, String> {
                 let mut pairs = Vec::new();
                 for kv in v {
                     match kv.split_once('=') {
-                        Some((k, val)) => pairs.push(format!(
-                            "{} = {}",
-                            toml_out::key(k),
-                            toml_out::string(val)
-                        )),
+                        Some((k, val)) => {
+                            pairs.push(format!("{} = {}", toml_out::key(k), toml_out::string(val)))
+                        }
                         None => s.note(format!("env {kv} (not NAME=VALUE)")),
                     }
                 }
@@ -569,8 +620,18 @@ mod tests {
     #[test]
     fn xinetd_address_forms() {
         let items: Vec<String> = [
-            "127.0.0.1", "10.0.0.0", "192.168.1.0/24", "10.1.1.7/16", "128.138.{12,13}",
-            "1.2.3.{4,5}", "::1", "fe80::/10", "0.0.0.0", "example.org", ".local", "mynet",
+            "127.0.0.1",
+            "10.0.0.0",
+            "192.168.1.0/24",
+            "10.1.1.7/16",
+            "128.138.{12,13}",
+            "1.2.3.{4,5}",
+            "::1",
+            "fe80::/10",
+            "0.0.0.0",
+            "example.org",
+            ".local",
+            "mynet",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -579,8 +640,17 @@ mod tests {
         assert_eq!(
             nets,
             [
-                "127.0.0.1", "10.0.0.0/8", "192.168.1.0/24", "10.1.0.0/16", "128.138.12.0/24",
-                "128.138.13.0/24", "1.2.3.4", "1.2.3.5", "::1", "fe80::/10", "0.0.0.0/0"
+                "127.0.0.1",
+                "10.0.0.0/8",
+                "192.168.1.0/24",
+                "10.1.0.0/16",
+                "128.138.12.0/24",
+                "128.138.13.0/24",
+                "1.2.3.4",
+                "1.2.3.5",
+                "::1",
+                "fe80::/10",
+                "0.0.0.0/0"
             ]
         );
         assert_eq!(dropped, ["example.org", ".local", "mynet"]);
@@ -590,7 +660,10 @@ mod tests {
     fn operators() {
         assert_eq!(attribute("only_from += 1.2.3.4 ::1").unwrap().1, "+=");
         assert_eq!(attribute("env -= A").unwrap().0, "env");
-        assert_eq!(attribute("server_args = -s /srv").unwrap().2, ["-s", "/srv"]);
+        assert_eq!(
+            attribute("server_args = -s /srv").unwrap().2,
+            ["-s", "/srv"]
+        );
         assert!(attribute("what is this").is_err());
     }
 }

@@ -4,6 +4,7 @@ mod harness;
 
 mod cli;
 mod first_run;
+mod import;
 mod logging;
 mod nowait;
 mod reload;
