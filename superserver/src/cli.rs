@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+
+use crate::import::Format;
 
 /// Start network services on demand: bind a TOML table of ports, and on the first connection
 /// hand the listening sockets to the service (wait mode, systemd Accept=no) or start one process
@@ -33,4 +35,33 @@ pub struct Args {
     /// Print the embedded default configuration and exit.
     #[arg(long)]
     pub print_default: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read an inetd.conf or xinetd configuration and print the equivalent superserver TOML
+    /// on stdout (check it with --check before use). Service names are resolved from
+    /// /etc/services only; host names are never looked up. Exit codes: 0 written; 2 bad usage;
+    /// 3 a file could not be read or parsed (FILE:LINE: message).
+    Import(ImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The format; without it each path is detected: a directory, or a file with
+    /// `service NAME {`, is xinetd; anything else is inetd.conf.
+    #[arg(long, value_enum)]
+    pub from: Option<Format>,
+
+    /// Read absolute paths inside the files (include, includedir) and /etc/services under
+    /// this directory: the configuration of another system, mounted.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// inetd.conf, xinetd.conf, an xinetd service file, or an includedir directory.
+    #[arg(required = true, value_name = "FILE|DIR")]
+    pub paths: Vec<PathBuf>,
 }

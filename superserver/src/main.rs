@@ -4,6 +4,7 @@ mod children;
 mod cli;
 mod daemon;
 mod filter;
+mod import;
 mod limits;
 mod logging;
 mod notify;
@@ -26,6 +27,7 @@ enum Failure {
     Runtime(String),
     Config(String),
     Startup(String),
+    Usage(String),
 }
 
 fn main() -> ExitCode {
@@ -46,10 +48,27 @@ fn main() -> ExitCode {
             log::error!("{e}");
             ExitCode::from(4)
         }
+        Err(Failure::Usage(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(2)
+        }
     }
 }
 
 fn run(args: cli::Args) -> Result<(), Failure> {
+    if let Some(cli::Command::Import(import)) = args.command {
+        let request = import::Request {
+            from: import.from,
+            root: import.root,
+            paths: import.paths,
+        };
+        let toml = import::run(&request).map_err(|e| match e.usage {
+            true => Failure::Usage(format!("error: {e}")),
+            false => Failure::Config(e.to_string()),
+        })?;
+        stdout(&toml);
+        return Ok(());
+    }
     if args.print_default {
         stdout(source::DEFAULT);
         return Ok(());

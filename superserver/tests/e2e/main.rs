@@ -4,6 +4,7 @@ mod harness;
 
 mod cli;
 mod first_run;
+mod import;
 mod inetd_host;
 mod logging;
 mod nowait;
