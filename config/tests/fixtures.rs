@@ -104,6 +104,7 @@ fn valid_fixtures_load_as_root_and_as_a_user() {
         let opts = LoadOptions {
             exe_dir: Some(dir.path().to_path_buf()),
             running_as_root,
+            ..Default::default()
         };
         for rel in &files {
             if let Err(e) = parse(rel, &opts) {
@@ -188,6 +189,7 @@ fn minimal_fixture_gets_the_defaults() {
     let as_root = LoadOptions {
         exe_dir: None,
         running_as_root: true,
+        ..Default::default()
     };
     let config = parse(Path::new("tests/fixtures/valid/minimal.toml"), &as_root).unwrap();
     assert_eq!(
@@ -241,6 +243,7 @@ fn example_fixture_values() {
     let opts = LoadOptions {
         exe_dir: Some(dir.path().to_path_buf()),
         running_as_root: true,
+        ..Default::default()
     };
     let config = parse(Path::new("tests/fixtures/valid/example.toml"), &opts).unwrap();
     let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
@@ -389,6 +392,7 @@ user = "nobody"
     let as_root = LoadOptions {
         exe_dir: None,
         running_as_root: true,
+        ..Default::default()
     };
     let err = parse_str(text, origin, &as_root).unwrap_err().to_string();
     let hint = "refusing to run service as root; set user = \"nobody\" (or another user), user_if_root = \"nobody\" (that user when the superserver is root, itself otherwise) or allow_root = true";
@@ -415,6 +419,7 @@ user_if_root = "nobody"
     let as_root = LoadOptions {
         exe_dir: None,
         running_as_root: true,
+        ..Default::default()
     };
     let root = parse_str(text, origin, &as_root).unwrap();
     let creds = root.services[0]

@@ -125,6 +125,7 @@ fn mutated_fixtures_never_panic_and_errors_stay_one_line() {
     let opts = LoadOptions {
         exe_dir: Some(dir.path().to_path_buf()),
         running_as_root: true,
+        ..Default::default()
     };
     let origin = Path::new("fuzz.toml");
     let mut rng = Rng(0x5eed_c0ff_ee15_600d);
