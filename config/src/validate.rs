@@ -458,9 +458,8 @@ impl Validator<'_> {
                         name_span.clone(),
                         &path,
                         format!(
-                            "service {name:?} is already defined in {other} (line \
-                             {other_line}); service names are unique across the main file \
-                             and its drop-ins"
+                            "service {name:?} is already defined in {other}:{other_line}; service \
+                             names are unique across the main file and its drop-ins"
                         ),
                     );
                 }
@@ -500,6 +499,19 @@ impl Validator<'_> {
                     item.span(),
                     key,
                     "must not be empty: give a glob pattern such as \"superserver.d/*.toml\"",
+                );
+                continue;
+            }
+            // Checked alone, so that a position in the message is one in what was written.
+            if let Err(e) = glob::Pattern::new(pattern) {
+                self.done[0].error(
+                    item.span(),
+                    key,
+                    format!(
+                        "{pattern:?}: invalid glob pattern: {} (at character {})",
+                        e.msg,
+                        e.pos + 1
+                    ),
                 );
                 continue;
             }

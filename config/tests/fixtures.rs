@@ -235,6 +235,13 @@ fn minimal_fixture_gets_the_defaults() {
     assert_eq!(s.limits, Limits::default());
     assert_eq!(s.connection, ConnectionPassing::Stdio);
     assert_eq!(s.unix_socket, UnixSocketOptions::default());
+    assert!(s.enabled);
+    assert_eq!(s.instances, 1);
+    assert_eq!(s.max_duration, None);
+    assert_eq!(s.handoff, Handoff::ListenFds);
+    assert_eq!(s.log_peer, LogPeer::Full);
+    assert_eq!(s.file, Path::new("tests/fixtures/valid/minimal.toml"));
+    assert_eq!(config.files, [s.file.clone()]);
 }
 
 #[test]
@@ -249,7 +256,7 @@ fn example_fixture_values() {
     let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
-        ["small", "cat", "unix-cat"],
+        ["small", "cat", "unix-cat", "udp-echo", "old-cat"],
         "file order, not sorted"
     );
 
@@ -364,6 +371,38 @@ fn example_fixture_values() {
     );
     assert_eq!(unix.max_instances, 64);
     assert!(unix.allow_root, "runs as root with allow_root = true");
+
+    // [service.cat] also has max_duration and log_peer.
+    assert_eq!(cat.max_duration, Some(Duration::from_secs(300)));
+    assert_eq!(cat.log_peer, LogPeer::Masked);
+    assert_eq!(cat.handoff, Handoff::ListenFds, "nowait: always ListenFds");
+    assert_eq!(cat.instances, 1, "nowait: always 1");
+
+    // [service.udp-echo]: the inetd wait protocol, two children.
+    let udp = config.service("udp-echo").unwrap();
+    assert_eq!(udp.mode, Mode::Wait);
+    assert_eq!(udp.handoff, Handoff::Stdin);
+    assert_eq!(udp.instances, 2);
+    assert_eq!(udp.max_instances, 1);
+    assert_eq!(udp.log_peer, LogPeer::None);
+    assert_eq!(udp.max_duration, None);
+
+    // [service.old-cat]: disabled, kept, sharing cat's port without a clash.
+    let old = config.service("old-cat").unwrap();
+    assert!(!old.enabled);
+    assert_eq!(old.listen[0].addr, cat.listen[0].addr);
+    assert!(
+        config
+            .services
+            .iter()
+            .filter(|s| s.name != "old-cat")
+            .all(|s| s.enabled)
+    );
+    assert!(config.services.iter().all(|s| s.file == config.files[0]));
+    assert_eq!(
+        config.files,
+        [Path::new("tests/fixtures/valid/example.toml")]
+    );
 }
 
 #[test]
