@@ -1443,7 +1443,7 @@ impl Validator<'_> {
         for (this, clash) in seen.iter().zip(first_clashes(&addrs)) {
             let Some((other, what)) = clash else { continue };
             let other = &seen[other];
-            let whose = if other.service == this.service {
+            let whose = if other.service == this.service && other.file == this.file {
                 "earlier in this service".to_owned()
             } else {
                 format!("by service {:?}", other.service)

@@ -524,3 +524,35 @@ fn access_rules_precedence() {
     };
     assert!(!rules.permits(ip("10.0.0.1")));
 }
+
+#[test]
+fn dropins_fixture_reads_its_directory() {
+    let config = parse(
+        Path::new("tests/fixtures/valid/dropins.toml"),
+        &LoadOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dir = Path::new("tests/fixtures/valid");
+    assert_eq!(
+        config.files,
+        [
+            dir.join("dropins.toml"),
+            dir.join("dropins.d/10-echo.toml"),
+            dir.join("dropins.d/20-off.toml"),
+        ]
+    );
+    let summary: Vec<(&str, bool, &Path)> = config
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.enabled, s.file.as_path()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("main", true, config.files[0].as_path()),
+            ("dropin-echo", true, config.files[1].as_path()),
+            ("dropin-off", false, config.files[2].as_path()),
+        ]
+    );
+    assert_eq!(config.services[1].log_peer, LogPeer::Masked);
+}
