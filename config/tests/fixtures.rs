@@ -241,7 +241,7 @@ fn minimal_fixture_gets_the_defaults() {
     assert_eq!(s.handoff, Handoff::ListenFds);
     assert_eq!(s.log_peer, LogPeer::Full);
     assert_eq!(s.file, Path::new("tests/fixtures/valid/minimal.toml"));
-    assert_eq!(config.files, [s.file.clone()]);
+    assert_eq!(config.files, std::slice::from_ref(&s.file));
 }
 
 #[test]
