@@ -1,6 +1,10 @@
 //! Validation: TOML text into a [`Config`], every problem collected with its place and key.
 //!
-//! Three passes, each reporting everything it finds before the next runs:
+//! The main file is validated first; the drop-ins its `include` patterns (and
+//! `LoadOptions::config_dirs`) match are then validated one by one against its `[superserver]`
+//! settings, and last come the checks across files: listen-address clashes, and the rule that
+//! a configuration without an enabled service needs `allow_no_services`. In each file, three
+//! passes, each reporting everything it finds before the next runs:
 //! 1. TOML syntax: only the first syntax error is reported, and nothing else is checked.
 //! 2. Shape (serde into `raw` types): unknown keys are reported (with a "did you mean") and
 //!    removed; if the table still does not fit, each key is deserialized on its own, so every
@@ -267,13 +271,12 @@ impl Validator<'_> {
         self.report.error(span, key, message);
     }
 
-    /// Move the current file to `done` (the next one replaces it).
+    /// Move the current file to `done`; an empty placeholder takes its place until the next
+    /// file (the last placeholder, pushed by `parse`, holds no error).
     fn finish_file(&mut self) {
         let next = Report::new(Path::new(""), "".into());
         let report = std::mem::replace(&mut self.report, next);
-        if !report.origin.as_os_str().is_empty() || report.count() > 0 {
-            self.done.push(report);
-        }
+        self.done.push(report);
     }
 
     /// The index the current file will have in `done`.
