@@ -38,7 +38,8 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-/// Every problem found in one file, in file order. Never empty.
+/// Every problem found, never empty: the main file's in file order, then each drop-in's in
+/// file order (drop-ins in the order they were read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 

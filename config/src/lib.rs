@@ -9,7 +9,10 @@ mod values;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use model::*;
-pub use validate::{DEFAULT_PASS_ENV, MAX_RESTART_BACKOFF, MAX_SHUTDOWN_GRACE, MAX_WAIT_SOCKETS};
+pub use validate::{
+    DEFAULT_PASS_ENV, MAX_RESTART_BACKOFF, MAX_SERVICE_DURATION, MAX_SHUTDOWN_GRACE,
+    MAX_WAIT_INSTANCES, MAX_WAIT_SOCKETS,
+};
 pub use values::{
     MAX_RATE_PERIOD, RESERVED_ENV_NAMES, RESERVED_ENV_PREFIX, is_reserved_env_name, normalize_path,
     parse_listen_addr, parse_net, parse_rate, resolve_program,
@@ -27,13 +30,23 @@ pub struct LoadOptions {
     /// The superserver runs as root: a service without `user` (or with `user = "root"`) needs
     /// `allow_root = true`.
     pub running_as_root: bool,
+    /// Extra drop-in directories (`--config-dir`): each acts as one more `include` of
+    /// `DIR/*.toml`, read after the main file's own `include` patterns, in order. A directory
+    /// that does not exist adds nothing; a path that is not a directory is an error.
+    pub config_dirs: Vec<PathBuf>,
 }
 
-/// Read and validate a configuration file.
+/// Read and validate a configuration file and its drop-ins.
 ///
-/// `Err` holds every problem found in the file (not only the first), each naming the file,
-/// line, column and key path. Nothing is partially applied: either the whole file is valid or
-/// the caller gets no `Config`.
+/// The drop-ins are the files matched by the `include` patterns of `[superserver]` (a
+/// relative pattern is relative to the directory of `path`; each pattern's matches in lexical
+/// order, patterns in order; a pattern that matches nothing adds nothing), then `DIR/*.toml`
+/// for each of [`LoadOptions::config_dirs`]. A drop-in holds `[service.NAME]` tables only.
+/// Service names and listen addresses are unique across all the files.
+///
+/// `Err` holds every problem found in every file (not only the first), each naming its file,
+/// line, column and key path: the main file's first, then each drop-in's. Nothing is
+/// partially applied: either every file is valid or the caller gets no `Config`.
 pub fn load(path: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     match std::fs::read(path) {
         Ok(bytes) => parse_bytes(&bytes, path, opts),
@@ -58,26 +71,16 @@ pub fn parse_bytes(
 ) -> Result<Config, ConfigErrors> {
     match std::str::from_utf8(bytes) {
         Ok(text) => parse_str(text, origin, opts),
-        Err(e) => {
-            let at = e.valid_up_to();
-            let (line, column) = validate::LineIndex::new(bytes).position(bytes, at);
-            Err(ConfigErrors(vec![ConfigError {
-                file: origin.to_path_buf(),
-                line,
-                column,
-                key: String::new(),
-                message: format!(
-                    "not valid UTF-8 (byte 0x{:02x}); the file must be UTF-8 text",
-                    bytes[at]
-                ),
-            }]))
-        }
+        Err(e) => Err(ConfigErrors(vec![validate::not_utf8(bytes, origin, e)])),
     }
 }
 
 /// Validate configuration text; `origin` is the file name used in error messages.
 ///
-/// Same contract as [`load`]; nothing is read from disk except what validation checks
+/// Same contract as [`load`], `text` being the main file: its `include` patterns are resolved
+/// relative to the directory of `origin` (the current directory for a bare name such as
+/// `<embedded default>`) and the drop-ins they match are read, as are those of
+/// [`LoadOptions::config_dirs`]. Nothing else is read from disk except what validation checks
 /// (programs, `working_directory`) and the user and group databases.
 pub fn parse_str(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     validate::parse(text, origin, opts)
@@ -93,6 +96,7 @@ impl LoadOptions {
                 .ok()
                 .and_then(|p| p.parent().map(Path::to_path_buf)),
             running_as_root: nix::unistd::geteuid().is_root(),
+            config_dirs: Vec::new(),
         }
     }
 }

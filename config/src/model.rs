@@ -4,20 +4,25 @@
 //! users looked up, limits in range. The superserver never sees a raw TOML value.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
 
-/// A whole, valid configuration file.
+/// A whole, valid configuration: the main file and its drop-ins.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
-    /// Settings of the superserver itself (`[superserver]` table).
+    /// Settings of the superserver itself (`[superserver]` table of the main file).
     pub global: Global,
-    /// The services, in the order they appear in the file.
+    /// The services, enabled or not, in the order they appear in the main file, then in each
+    /// drop-in in the order of [`files`](Config::files).
     pub services: Vec<Service>,
+    /// Every file read: the main file first, then each drop-in (`include` patterns in order,
+    /// each pattern's matches in lexical order, then `LoadOptions::config_dirs`). A drop-in
+    /// matched twice, or matching the main file, is read once and listed once.
+    pub files: Vec<PathBuf>,
 }
 
 /// Settings of the superserver process itself (the optional `[superserver]` table).
@@ -96,6 +101,44 @@ pub enum ConnectionPassing {
     Stdio,
     /// As fd 3 with `LISTEN_FDS=1`, `LISTEN_FDNAMES=connection` (systemd `Accept=yes` alone).
     ListenFds,
+}
+
+/// How a wait-mode service receives its listening sockets (`handoff`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Handoff {
+    /// As fd 3, 4, … with `LISTEN_FDS`, `LISTEN_FDNAMES` (systemd `Accept=no`; default, and
+    /// the value of every nowait service).
+    #[default]
+    ListenFds,
+    /// The one listening socket on stdin and stdout (inetd/xinetd `wait`): validated to be
+    /// exactly one `tcp://` or `udp://` socket.
+    Stdin,
+}
+
+/// How a peer's address appears in the superserver's log lines (`log_peer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogPeer {
+    /// The address and port as they are (default).
+    #[default]
+    Full,
+    /// The network only, see [`mask_peer`]: IPv4 /24, IPv6 /48; no port.
+    Masked,
+    /// No peer address at all.
+    None,
+}
+
+/// A peer address reduced to its network for logs (`log_peer = "masked"`): IPv4 to its /24
+/// network address, IPv6 to its /48, an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) to the
+/// IPv4 /24 (as an IPv4 address).
+pub fn mask_peer(ip: IpAddr) -> IpAddr {
+    let v4 = |a: Ipv4Addr| IpAddr::V4(Ipv4Addr::from(u32::from(a) & 0xffff_ff00));
+    match ip {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => match a.to_ipv4_mapped() {
+            Some(m) => v4(m),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(a) & !(u128::MAX >> 48))),
+        },
+    }
 }
 
 /// A token-bucket rate: at most `count` events per `per`, with a burst of `count`.
@@ -195,6 +238,11 @@ pub struct PerSource {
 pub struct Service {
     /// The table name (`[service.NAME]`), used first in every log line.
     pub name: String,
+    /// The file the service was defined in (the main file or a drop-in), for messages.
+    pub file: PathBuf,
+    /// `enable` (default `true`). A disabled service is validated like any other and kept
+    /// here, but its addresses take no part in the clash checks and it must not be started.
+    pub enabled: bool,
     /// wait or nowait.
     pub mode: Mode,
     /// The resolved program to execute (absolute path).
@@ -207,6 +255,12 @@ pub struct Service {
     pub backlog: u32,
     /// Maximum concurrent children (`max_instances`; nowait default 64, wait always 1).
     pub max_instances: u32,
+    /// wait: how many long-running children share the listening sockets (`instances`,
+    /// 1..=256, default 1). Always 1 for nowait.
+    pub instances: u32,
+    /// nowait: a child still running after this long is sent SIGTERM (`max_duration`, at most
+    /// one day). Always `None` for wait.
+    pub max_duration: Option<Duration>,
     /// Per-source limit (`max_per_source`), nowait only.
     pub per_source: Option<PerSource>,
     /// At the `max_instances` cap (`overflow`).
@@ -237,6 +291,31 @@ pub struct Service {
     pub limits: Limits,
     /// nowait: stdio (default) or fd 3 (`connection`).
     pub connection: ConnectionPassing,
+    /// wait: the sockets as `LISTEN_FDS` (default) or the one socket on stdin/stdout
+    /// (`handoff`). Always `ListenFds` for nowait.
+    pub handoff: Handoff,
+    /// How the peer address appears in log lines (`log_peer`, default `Full`).
+    pub log_peer: LogPeer,
     /// `socket_mode`, `socket_user`, `socket_group` for `unix:` listeners.
     pub unix_socket: UnixSocketOptions,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masked_peers_keep_only_the_network() {
+        let m = |s: &str| mask_peer(s.parse().unwrap()).to_string();
+        assert_eq!(m("192.0.2.77"), "192.0.2.0");
+        assert_eq!(m("10.1.2.255"), "10.1.2.0");
+        assert_eq!(m("2001:db8:abcd:1234:5678::1"), "2001:db8:abcd::");
+        assert_eq!(m("2001:db8:ab:ffff::"), "2001:db8:ab::");
+        assert_eq!(
+            m("::ffff:198.51.100.9"),
+            "198.51.100.0",
+            "v4-mapped: the IPv4 /24"
+        );
+        assert_eq!(m("::1"), "::");
+    }
 }

@@ -13,6 +13,9 @@ use toml::Spanned;
 /// The keys accepted at the top level of the file.
 pub const TOP_LEVEL_KEYS: &[&str] = &["superserver", "service"];
 
+/// The keys accepted at the top level of a drop-in file (see `include`).
+pub const DROP_IN_KEYS: &[&str] = &["service"];
+
 /// A table type of the schema. Every field is optional, so a table holding any subset of
 /// [`KEYS`](RawTable::KEYS) (even one key alone) deserializes: `validate` relies on this to
 /// check each key on its own when a table does not fit.
@@ -31,6 +34,7 @@ pub struct RawGlobal {
     pub restart_backoff_min: Option<Spanned<String>>,
     pub restart_backoff_max: Option<Spanned<String>>,
     pub allow_no_services: Option<bool>,
+    pub include: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 impl RawTable for RawGlobal {
@@ -40,20 +44,24 @@ impl RawTable for RawGlobal {
         "restart_backoff_min",
         "restart_backoff_max",
         "allow_no_services",
+        "include",
     ];
 }
 
 impl RawTable for RawService {
     const KEYS: &'static [&'static str] = &[
         "mode",
+        "enable",
         "exec",
         "listen",
         "backlog",
         "max_instances",
+        "instances",
         "max_per_source",
         "source_prefix_v4",
         "source_prefix_v6",
         "overflow",
+        "max_duration",
         "rate",
         "allow",
         "deny",
@@ -69,6 +77,8 @@ impl RawTable for RawService {
         "limit_nofile",
         "limit_nproc",
         "connection",
+        "handoff",
+        "log_peer",
         "socket_mode",
         "socket_user",
         "socket_group",
@@ -80,14 +90,17 @@ impl RawTable for RawService {
 #[serde(deny_unknown_fields)]
 pub struct RawService {
     pub mode: Option<Spanned<RawMode>>,
+    pub enable: Option<bool>,
     pub exec: Option<Spanned<Vec<Spanned<String>>>>,
     pub listen: Option<Spanned<RawListen>>,
     pub backlog: Option<Spanned<i64>>,
     pub max_instances: Option<Spanned<i64>>,
+    pub instances: Option<Spanned<i64>>,
     pub max_per_source: Option<Spanned<i64>>,
     pub source_prefix_v4: Option<Spanned<i64>>,
     pub source_prefix_v6: Option<Spanned<i64>>,
     pub overflow: Option<Spanned<RawOverflow>>,
+    pub max_duration: Option<Spanned<String>>,
     pub rate: Option<Spanned<String>>,
     pub allow: Option<Spanned<Vec<Spanned<String>>>>,
     pub deny: Option<Spanned<Vec<Spanned<String>>>>,
@@ -103,6 +116,8 @@ pub struct RawService {
     pub limit_nofile: Option<Spanned<i64>>,
     pub limit_nproc: Option<Spanned<i64>>,
     pub connection: Option<Spanned<RawConnection>>,
+    pub handoff: Option<Spanned<RawHandoff>>,
+    pub log_peer: Option<Spanned<RawLogPeer>>,
     pub socket_mode: Option<Spanned<Octal>>,
     pub socket_user: Option<Spanned<NameOrId>>,
     pub socket_group: Option<Spanned<NameOrId>>,
@@ -132,6 +147,23 @@ pub enum RawConnection {
     ListenFds,
 }
 
+/// `handoff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum RawHandoff {
+    ListenFds,
+    Stdin,
+}
+
+/// `log_peer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum RawLogPeer {
+    Full,
+    Masked,
+    None,
+}
+
 /// `TryFrom<String>` for a keyword enum: a wrong type is serde's "expected a string", a wrong
 /// word names the accepted ones.
 macro_rules! keywords {
@@ -155,6 +187,8 @@ macro_rules! keywords {
 keywords!(RawMode { "wait" => Wait, "nowait" => Nowait });
 keywords!(RawOverflow { "hold" => Hold, "close" => Close });
 keywords!(RawConnection { "stdio" => Stdio, "listen-fds" => ListenFds });
+keywords!(RawHandoff { "listen-fds" => ListenFds, "stdin" => Stdin });
+keywords!(RawLogPeer { "full" => Full, "masked" => Masked, "none" => None });
 
 /// `listen`: `"addr"`, `["addr", ...]` or `{ fdname = "addr" | ["addr", ...] }`.
 #[derive(Debug)]

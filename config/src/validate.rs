@@ -1,6 +1,10 @@
 //! Validation: TOML text into a [`Config`], every problem collected with its place and key.
 //!
-//! Three passes, each reporting everything it finds before the next runs:
+//! The main file is validated first; the drop-ins its `include` patterns (and
+//! `LoadOptions::config_dirs`) match are then validated one by one against its `[superserver]`
+//! settings, and last come the checks across files: listen-address clashes, and the rule that
+//! a configuration without an enabled service needs `allow_no_services`. In each file, three
+//! passes, each reporting everything it finds before the next runs:
 //! 1. TOML syntax: only the first syntax error is reported, and nothing else is checked.
 //! 2. Shape (serde into `raw` types): unknown keys are reported (with a "did you mean") and
 //!    removed; if the table still does not fit, each key is deserialized on its own, so every
@@ -20,6 +24,9 @@ use nix::unistd::{Uid, User};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::LoadOptions;
@@ -50,15 +57,25 @@ fn default_pass_env() -> Arc<[String]> {
         .clone()
 }
 
-/// Parse and validate `text`; `origin` names the file in every error.
+/// The longest `max_duration` (one day).
+pub const MAX_SERVICE_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// The most `instances` a wait-mode service may run.
+pub const MAX_WAIT_INSTANCES: u32 = 256;
+
+/// Parse and validate `text` and the drop-ins it includes; `origin` names the main file in
+/// every error, and relative `include` patterns are relative to its directory.
 pub(crate) fn parse(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Config, ConfigErrors> {
     let mut v = Validator {
-        report: Report::new(origin, text),
+        report: Report::new(origin, text.into()),
+        done: Vec::new(),
         opts,
         seen: Vec::new(),
+        names: HashMap::new(),
     };
-    let config = v.document(text);
-    let errors = v.report.finish();
+    let config = v.run();
+    v.finish_file();
+    let errors: Vec<ConfigError> = v.done.into_iter().flat_map(Report::finish).collect();
     match config {
         Some(config) if errors.is_empty() => Ok(config),
         _ if errors.is_empty() => unreachable!("validation failed without saying why"),
@@ -66,20 +83,37 @@ pub(crate) fn parse(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Con
     }
 }
 
-/// Errors collected so far, each with the byte offset it is sorted by.
-struct Report<'a> {
-    origin: &'a Path,
-    text: &'a str,
+/// The error for bytes that are not UTF-8: the line and column (in characters) of the first
+/// invalid byte.
+pub(crate) fn not_utf8(bytes: &[u8], origin: &Path, e: std::str::Utf8Error) -> ConfigError {
+    let at = e.valid_up_to();
+    let (line, column) = LineIndex::new(bytes).position(bytes, at);
+    ConfigError {
+        file: origin.to_path_buf(),
+        line,
+        column,
+        key: String::new(),
+        message: format!(
+            "not valid UTF-8 (byte 0x{:02x}); the file must be UTF-8 text",
+            bytes[at]
+        ),
+    }
+}
+
+/// One file's errors collected so far, each with the byte offset it is sorted by.
+struct Report {
+    origin: PathBuf,
+    text: Rc<str>,
     lines: LineIndex,
     errors: Vec<(usize, ConfigError)>,
 }
 
-impl<'a> Report<'a> {
-    fn new(origin: &'a Path, text: &'a str) -> Self {
+impl Report {
+    fn new(origin: &Path, text: Rc<str>) -> Self {
         Report {
-            origin,
-            text,
+            origin: origin.to_path_buf(),
             lines: LineIndex::new(text.as_bytes()),
+            text,
             errors: Vec::new(),
         }
     }
@@ -89,7 +123,7 @@ impl<'a> Report<'a> {
         self.errors.push((
             span.start,
             ConfigError {
-                file: self.origin.to_path_buf(),
+                file: self.origin.clone(),
                 line,
                 column,
                 key: escape_controls(&key.into()),
@@ -103,7 +137,7 @@ impl<'a> Report<'a> {
         self.errors.push((
             0,
             ConfigError {
-                file: self.origin.to_path_buf(),
+                file: self.origin.clone(),
                 line: 0,
                 column: 0,
                 key: String::new(),
@@ -122,13 +156,13 @@ impl<'a> Report<'a> {
     }
 
     /// The text of the line holding `offset` (without its newline), and its 1-based number.
-    fn line_at(&self, offset: usize) -> (&'a str, usize) {
+    fn line_at(&self, offset: usize) -> (&str, usize) {
         let (line, _) = self.position(offset);
         (self.line_text(line), line)
     }
 
     /// The text of 1-based line `line`, without its newline.
-    fn line_text(&self, line: usize) -> &'a str {
+    fn line_text(&self, line: usize) -> &str {
         let start = self.lines.starts[line - 1];
         let end = self
             .lines
@@ -195,18 +229,41 @@ pub(crate) fn escape_controls(s: &str) -> String {
         .collect()
 }
 
-/// A listen address seen so far, for clash checks across services.
+/// A listen address seen so far, for clash checks across services and files.
 struct Seen {
     service: String,
     key: String,
     addr: ListenAddr,
+    /// Index of the file (into `Validator::done`).
+    file: usize,
     span: Range<usize>,
 }
 
+/// What one file holds, shaped but not yet validated.
+struct Document<'i> {
+    /// `[superserver]` (main file only) and the keys removed from it.
+    global: Option<(RawGlobal, Vec<String>)>,
+    /// Each `[service.NAME]`: its name, key path, and the table (`None`: not a table).
+    services: Vec<RawEntry<'i>>,
+    /// `Some(span)` of the `service` value, `None` when there is none.
+    service_key: Option<Range<usize>>,
+}
+
+type RawEntry<'i> = (
+    Spanned<std::borrow::Cow<'i, str>>,
+    String,
+    Option<(RawService, Vec<String>)>,
+);
+
 struct Validator<'a> {
-    report: Report<'a>,
+    /// The file being validated.
+    report: Report,
+    /// The files validated before it: the main file first.
+    done: Vec<Report>,
     opts: &'a LoadOptions,
     seen: Vec<Seen>,
+    /// Every service name so far: (file index, line).
+    names: HashMap<String, (usize, usize)>,
 }
 
 impl Validator<'_> {
@@ -214,7 +271,101 @@ impl Validator<'_> {
         self.report.error(span, key, message);
     }
 
-    fn document(&mut self, text: &str) -> Option<Config> {
+    /// Move the current file to `done`; an empty placeholder takes its place until the next
+    /// file (the last placeholder, pushed by `parse`, holds no error).
+    fn finish_file(&mut self) {
+        let next = Report::new(Path::new(""), "".into());
+        let report = std::mem::replace(&mut self.report, next);
+        self.done.push(report);
+    }
+
+    /// The index the current file will have in `done`.
+    fn file_index(&self) -> usize {
+        self.done.len()
+    }
+
+    /// Errors found so far, in every file.
+    fn total_errors(&self) -> usize {
+        self.report.count() + self.done.iter().map(Report::count).sum::<usize>()
+    }
+
+    /// The main file, then every drop-in, then the checks across files.
+    fn run(&mut self) -> Option<Config> {
+        let text = self.report.text.clone();
+        let main = self.document(&text, true)?;
+        let (raw_global, removed) = main.global.unwrap_or_default();
+        // `allow_no_services` with a wrong type was reported: do not add a second error.
+        let allowed_empty = raw_global.allow_no_services == Some(true)
+            || removed.iter().any(|k| k == "allow_no_services");
+        let include = raw_global.include.clone();
+        let global = self.global(raw_global);
+        let mut services = Vec::new();
+        let mut defined = main.services.len();
+        let mut enabled = self.services(main.services, &global, &mut services);
+        let main_service_key = main.service_key;
+        let mut files = vec![self.report.origin.clone()];
+        self.finish_file();
+
+        for path in self.drop_ins(include.as_ref()) {
+            files.push(path.clone());
+            let text: Rc<str> = match std::fs::read(&path) {
+                Err(e) => {
+                    let mut r = Report::new(&path, "".into());
+                    r.file_error(format!("cannot read: {}", e));
+                    self.done.push(r);
+                    continue;
+                }
+                Ok(bytes) => match String::from_utf8(bytes) {
+                    Ok(t) => t.into(),
+                    Err(e) => {
+                        let mut r = Report::new(&path, "".into());
+                        r.errors
+                            .push((0, not_utf8(e.as_bytes(), &path, e.utf8_error())));
+                        self.done.push(r);
+                        continue;
+                    }
+                },
+            };
+            self.report = Report::new(&path, text.clone());
+            if let Some(doc) = self.document(&text, false) {
+                defined += doc.services.len();
+                enabled += self.services(doc.services, &global, &mut services);
+            }
+            self.finish_file();
+        }
+
+        self.clashes();
+        // A configuration without services is refused unless it says so: a half-written or
+        // truncated file read on SIGHUP would otherwise stop every service. Reported only when
+        // nothing else is wrong: with other errors it is refused anyway.
+        if enabled == 0 && !allowed_empty && self.total_errors() == 0 {
+            const WHAT: &str = "a file without services would stop every running service; add a \
+                                [service.NAME] table, or set allow_no_services = true in \
+                                [superserver] if no service is intended";
+            let main = &mut self.done[0];
+            match main_service_key {
+                _ if defined > 0 => main.file_error(
+                    "no enabled service: every [service.NAME] table has enable = false, and a \
+                     configuration without services would stop every running service; enable \
+                     one, or set allow_no_services = true in [superserver] if no service is \
+                     intended",
+                ),
+                // `service` that is not a table was reported above.
+                Some(span) => main.error(span, "service", format!("no service defined: {WHAT}")),
+                None => main.file_error(format!("no [service.NAME] table: {WHAT}")),
+            }
+        }
+
+        Some(Config {
+            global,
+            services,
+            files,
+        })
+    }
+
+    /// Parse `text` (the current file) and shape its tables. `None` after a syntax error.
+    /// A drop-in (`main == false`) holds `service` only.
+    fn document<'i>(&mut self, text: &'i str, main: bool) -> Option<Document<'i>> {
         let (doc, syntax) = DeTable::parse_recoverable(text);
         // Only the first syntax error: the parser's recovery guesses, and what follows the
         // first error is often the same mistake seen again.
@@ -224,24 +375,25 @@ impl Validator<'_> {
             self.error(span, "", message);
             return None;
         }
-        let mut raw_global = None;
-        let mut raw_services = Vec::new();
-        // `Some(span)` of an empty `service` table, `None` when there is none.
-        let mut service_key = None;
+        let mut out = Document {
+            global: None,
+            services: Vec::new(),
+            service_key: None,
+        };
         for (key, value) in in_file_order(doc.into_inner()) {
             match key.get_ref().as_ref() {
-                "superserver" => {
-                    raw_global = self.table::<RawGlobal>("superserver", key.span(), value);
+                "superserver" if main => {
+                    out.global = self.table::<RawGlobal>("superserver", key.span(), value);
                 }
                 "service" => {
                     let span = value.span();
-                    service_key = Some(span.clone());
+                    out.service_key = Some(span.clone());
                     match value.into_inner() {
                         DeValue::Table(t) => {
                             for (name, table) in in_file_order(t) {
                                 let path = format!("service.{}", key_segment(name.get_ref()));
                                 let raw = self.table::<RawService>(&path, name.span(), table);
-                                raw_services.push((name, path, raw));
+                                out.services.push((name, path, raw));
                             }
                         }
                         _ => self.error(
@@ -251,26 +403,72 @@ impl Validator<'_> {
                         ),
                     }
                 }
-                other => self.error(
+                "superserver" => {
+                    let main = self.done.first().map(|r| r.origin.display().to_string());
+                    self.error(
+                        key.span(),
+                        "superserver",
+                        format!(
+                            "only the main file may have a [superserver] table; a drop-in \
+                             holds [service.NAME] tables only (move these settings to {})",
+                            main.unwrap_or_default()
+                        ),
+                    );
+                }
+                other if main => self.error(
                     key.span(),
                     key_segment(other),
                     unknown_key(other, TOP_LEVEL_KEYS),
                 ),
+                other => self.error(
+                    key.span(),
+                    key_segment(other),
+                    unknown_key(other, DROP_IN_KEYS)
+                        + "; a drop-in holds [service.NAME] tables only",
+                ),
             }
         }
+        Some(out)
+    }
 
-        let no_services = raw_services.is_empty();
-        let raw_global_keys = raw_global
-            .as_ref()
-            .map(|(g, removed): &(RawGlobal, Vec<String>)| (g.allow_no_services, removed.clone()));
-        let global = self.global(raw_global.map(|(g, _)| g).unwrap_or_default());
-        let mut services = Vec::new();
-        for (name, path, raw) in raw_services {
+    /// Validate the services of the current file into `out`; returns how many of them are
+    /// enabled (a table that failed to read counts as enabled: it was reported anyway).
+    fn services(
+        &mut self,
+        raw: Vec<RawEntry<'_>>,
+        global: &Global,
+        out: &mut Vec<Service>,
+    ) -> usize {
+        let file = self.file_index();
+        let mut enabled = 0;
+        for (name, path, raw) in raw {
             let name_span = name.span();
             let name = name.into_inner().into_owned();
             let before = self.report.count();
             if let Err(msg) = check_service_name(&name) {
                 self.error(name_span.clone(), &path, msg);
+            }
+            let (line, _) = self.report.position(name_span.start);
+            // Within one file the TOML parser refuses a table defined twice.
+            match self.names.entry(name.clone()) {
+                Entry::Vacant(e) => {
+                    e.insert((file, line));
+                }
+                Entry::Occupied(e) => {
+                    let (other, other_line) = *e.get();
+                    let other = self.done[other].origin.display().to_string();
+                    self.error(
+                        name_span.clone(),
+                        &path,
+                        format!(
+                            "service {name:?} is already defined in {other}:{other_line}; service \
+                             names are unique across the main file and its drop-ins"
+                        ),
+                    );
+                }
+            }
+            if raw.as_ref().is_none_or(|(r, _)| r.enable != Some(false)) {
+                enabled += 1;
             }
             let Some((raw, removed)) = raw else { continue };
             let svc = Svc {
@@ -279,35 +477,114 @@ impl Validator<'_> {
                 span: name_span,
                 removed: &removed,
             };
-            let service = self.service(&svc, raw, &global);
+            let service = self.service(&svc, raw, global);
             if self.report.count() == before {
-                services.extend(service);
+                out.extend(service);
             }
         }
-        self.clashes();
-        // A file without services is refused unless it says so: a half-written or truncated
-        // file read on SIGHUP would otherwise stop every service.
-        let allowed_empty = match &raw_global_keys {
-            Some((allow, removed)) => {
-                *allow == Some(true) || removed.iter().any(|k| k == "allow_no_services")
-            }
-            None => false,
-        };
-        // Reported only when nothing else is wrong: with other errors the file is refused anyway.
-        if no_services && !allowed_empty && self.report.count() == 0 {
-            const WHAT: &str = "a file without services would stop every running service; add a \
-                                [service.NAME] table, or set allow_no_services = true in \
-                                [superserver] if no service is intended";
-            match service_key {
-                // `service` that is not a table was reported above.
-                Some(span) => self.error(span, "service", format!("no service defined: {WHAT}")),
-                None => self
-                    .report
-                    .file_error(format!("no [service.NAME] table: {WHAT}")),
-            }
-        }
+        enabled
+    }
 
-        Some(Config { global, services })
+    /// The drop-in files to read, in order: each `include` pattern's matches, then
+    /// `DIR/*.toml` for each of `LoadOptions::config_dirs`. Called with the main file in
+    /// `done[0]`; errors about a pattern go there, at the pattern.
+    fn drop_ins(&mut self, include: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<PathBuf> {
+        let main = self.done[0].origin.clone();
+        let mut seen: HashSet<PathBuf> = HashSet::new();
+        seen.insert(std::fs::canonicalize(&main).unwrap_or(main.clone()));
+        let mut out = Vec::new();
+        let base = main.parent().unwrap_or(Path::new(""));
+        for item in include.map(|l| l.get_ref().as_slice()).unwrap_or_default() {
+            let pattern = item.get_ref();
+            let key = "superserver.include";
+            if pattern.is_empty() {
+                self.done[0].error(
+                    item.span(),
+                    key,
+                    "must not be empty: give a glob pattern such as \"superserver.d/*.toml\"",
+                );
+                continue;
+            }
+            // Checked alone, so that a position in the message is one in what was written.
+            if let Err(e) = glob::Pattern::new(pattern) {
+                self.done[0].error(
+                    item.span(),
+                    key,
+                    format!(
+                        "{pattern:?}: invalid glob pattern: {} (at character {})",
+                        e.msg,
+                        e.pos + 1
+                    ),
+                );
+                continue;
+            }
+            let full = if Path::new(pattern).is_absolute() {
+                pattern.clone()
+            } else {
+                let dir = glob::Pattern::escape(&base.to_string_lossy());
+                if dir.is_empty() {
+                    pattern.clone()
+                } else {
+                    format!("{}/{pattern}", dir.trim_end_matches('/'))
+                }
+            };
+            match matches(&full) {
+                Err(m) => self.done[0].error(item.span(), key, format!("{pattern:?}: {m}")),
+                Ok(found) => {
+                    for m in found {
+                        match m {
+                            Ok(path) => {
+                                if seen.insert(std::fs::canonicalize(&path).unwrap_or(path.clone()))
+                                {
+                                    out.push(path);
+                                }
+                            }
+                            Err(m) => self.done[0].error(item.span(), key, m),
+                        }
+                    }
+                }
+            }
+        }
+        for dir in &self.opts.config_dirs {
+            let standalone = |path: &Path, message: String| {
+                let mut r = Report::new(path, "".into());
+                r.file_error(message);
+                r
+            };
+            let found = match std::fs::metadata(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Ok(m) if !m.is_dir() => {
+                    Err("not a directory (given as a configuration directory)".to_owned())
+                }
+                _ => matches(&format!(
+                    "{}/*.toml",
+                    glob::Pattern::escape(&dir.to_string_lossy()).trim_end_matches('/')
+                )),
+            };
+            match found {
+                Err(m) => {
+                    let r = standalone(dir, m);
+                    self.done.push(r);
+                }
+                Ok(found) => {
+                    for m in found {
+                        match m {
+                            Ok(path) => {
+                                if seen.insert(std::fs::canonicalize(&path).unwrap_or(path.clone()))
+                                {
+                                    out.push(path);
+                                }
+                            }
+                            Err(m) => {
+                                let r = standalone(dir, m);
+                                self.done.push(r);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Deserialize one table into `T`, reporting every key that does not fit. Returns the value
@@ -531,6 +808,7 @@ impl Validator<'_> {
                 ),
                 ("overflow", raw.overflow.as_ref().map(Spanned::span)),
                 ("connection", raw.connection.as_ref().map(Spanned::span)),
+                ("max_duration", raw.max_duration.as_ref().map(Spanned::span)),
             ];
             for (key, span) in spans {
                 if let Some(span) = span {
@@ -542,9 +820,36 @@ impl Validator<'_> {
                 }
             }
         }
+        // wait-only keys.
+        if mode_known && nowait {
+            let spans = [
+                (
+                    "instances",
+                    raw.instances.as_ref().map(Spanned::span),
+                    "a nowait service starts one child per connection, up to max_instances; \
+                     use max_instances",
+                ),
+                (
+                    "handoff",
+                    raw.handoff.as_ref().map(Spanned::span),
+                    "a nowait child gets the accepted connection, passed as connection says; \
+                     use connection = \"stdio\" or \"listen-fds\"",
+                ),
+            ];
+            for (key, span, hint) in spans {
+                if let Some(span) = span {
+                    self.error(
+                        span,
+                        s.key(key),
+                        format!("only for mode = \"wait\": {hint}"),
+                    );
+                }
+            }
+        }
 
         let argv_program = self.exec(s, raw.exec);
-        let listen = self.listen(s, raw.listen, mode_known.then_some(mode));
+        let enabled = raw.enable.unwrap_or(true);
+        let listen = self.listen(s, raw.listen, mode_known.then_some(mode), enabled);
 
         let backlog = raw
             .backlog
@@ -606,6 +911,42 @@ impl Validator<'_> {
                 }
             }
         }
+
+        let instances = match &raw.instances {
+            Some(n) if !nowait => self
+                .int_in(n, &s.key("instances"), 1, i64::from(MAX_WAIT_INSTANCES))
+                .map(|n| n as u32),
+            _ => Some(1),
+        };
+        let max_duration = match &raw.max_duration {
+            Some(d) if mode_known && nowait => {
+                let key = s.key("max_duration");
+                match self.duration(d, &key, MAX_SERVICE_DURATION) {
+                    Some(v) if v.is_zero() => {
+                        self.error(
+                            d.span(),
+                            key,
+                            "must be greater than 0; remove it for no limit",
+                        );
+                        None
+                    }
+                    v => v,
+                }
+            }
+            _ => None,
+        };
+        let handoff = match &raw.handoff {
+            Some(h) if *h.get_ref() == RawHandoff::Stdin && !nowait => {
+                self.stdin_handoff(s, h.span(), listen.as_deref());
+                Handoff::Stdin
+            }
+            _ => Handoff::ListenFds,
+        };
+        let log_peer = match raw.log_peer.map(Spanned::into_inner) {
+            Some(RawLogPeer::Masked) => LogPeer::Masked,
+            Some(RawLogPeer::None) => LogPeer::None,
+            _ => LogPeer::Full,
+        };
 
         let overflow = match raw.overflow.map(Spanned::into_inner) {
             Some(RawOverflow::Close) => Overflow::Close,
@@ -739,12 +1080,16 @@ impl Validator<'_> {
         let (program, argv) = argv_program?;
         Some(Service {
             name: s.name.to_owned(),
+            file: self.report.origin.clone(),
+            enabled,
             mode,
             program,
             argv,
             listen: listen?,
             backlog,
             max_instances: max_instances?,
+            instances: instances?,
+            max_duration,
             per_source,
             overflow,
             rate,
@@ -758,8 +1103,37 @@ impl Validator<'_> {
             umask,
             limits,
             connection,
+            handoff,
+            log_peer,
             unix_socket,
         })
+    }
+
+    /// `handoff = "stdin"`: exactly one socket, TCP or UDP (`listen` is `None` when it was
+    /// reported already).
+    fn stdin_handoff(&mut self, s: &Svc, span: Range<usize>, listen: Option<&[Listen]>) {
+        let Some(listen) = listen else { return };
+        if listen.len() != 1 {
+            self.error(
+                span,
+                s.key("handoff"),
+                format!(
+                    "handoff = \"stdin\" puts one socket on stdin and stdout, and this service \
+                     has {}; listen on one address, or use handoff = \"listen-fds\"",
+                    listen.len()
+                ),
+            );
+        } else if let ListenAddr::Unix(_) = listen[0].addr {
+            self.error(
+                span,
+                s.key("handoff"),
+                format!(
+                    "handoff = \"stdin\" takes a tcp:// or udp:// socket (the inetd wait \
+                     protocol), not {}; use handoff = \"listen-fds\"",
+                    listen[0].addr
+                ),
+            );
+        }
     }
 
     /// `exec`: the argv and the resolved program.
@@ -821,6 +1195,7 @@ impl Validator<'_> {
         s: &Svc,
         listen: Option<Spanned<RawListen>>,
         mode: Option<Mode>,
+        enabled: bool,
     ) -> Option<Vec<Listen>> {
         let Some(listen) = listen else {
             if !s.removed("listen") {
@@ -913,12 +1288,16 @@ impl Validator<'_> {
                     ),
                 );
             }
-            self.seen.push(Seen {
-                service: s.name.to_owned(),
-                key: key.clone(),
-                addr: addr.clone(),
-                span: text.span(),
-            });
+            // A disabled service binds nothing: its addresses clash with none.
+            if enabled {
+                self.seen.push(Seen {
+                    service: s.name.to_owned(),
+                    key: key.clone(),
+                    addr: addr.clone(),
+                    file: self.file_index(),
+                    span: text.span(),
+                });
+            }
             out.push(Listen { name, addr });
         }
         Some(out).filter(|_| self.report.count() == before)
@@ -1058,28 +1437,35 @@ impl Validator<'_> {
         out
     }
 
-    /// Listen addresses used twice, or a wildcard and a specific address on the same port.
+    /// Listen addresses used twice, or a wildcard and a specific address on the same port,
+    /// across every file (all of them in `done`). Each error goes to the file of the later
+    /// address and names the place of the earlier one.
     fn clashes(&mut self) {
         let seen = std::mem::take(&mut self.seen);
         let addrs: Vec<&ListenAddr> = seen.iter().map(|s| &s.addr).collect();
         for (this, clash) in seen.iter().zip(first_clashes(&addrs)) {
             let Some((other, what)) = clash else { continue };
             let other = &seen[other];
-            let whose = if other.service == this.service {
+            let whose = if other.service == this.service && other.file == this.file {
                 "earlier in this service".to_owned()
             } else {
                 format!("by service {:?}", other.service)
             };
-            let (line, _) = self.report.position(other.span.start);
+            let (line, _) = self.done[other.file].position(other.span.start);
+            let place = if other.file == this.file {
+                format!("line {line}")
+            } else {
+                format!("{}:{line}", self.done[other.file].origin.display())
+            };
             let msg = match what {
-                Clash::Same => format!("{} is already used {whose} (line {line})", this.addr),
+                Clash::Same => format!("{} is already used {whose} ({place})", this.addr),
                 Clash::Overlap => format!(
-                    "{} overlaps {} used {whose} (line {line}): a wildcard and a specific \
+                    "{} overlaps {} used {whose} ({place}): a wildcard and a specific \
                      address on the same port and protocol cannot both be bound",
                     this.addr, other.addr
                 ),
             };
-            self.error(this.span.clone(), &this.key, msg);
+            self.done[this.file].error(this.span.clone(), &this.key, msg);
         }
     }
 
@@ -1130,7 +1516,13 @@ impl Validator<'_> {
     fn octal(&mut self, v: &Spanned<Octal>, key: &str) -> Option<u32> {
         let n = match v.get_ref() {
             Octal::Int(i) => {
-                let written = self.report.text.get(v.span()).unwrap_or("").trim();
+                let written = self
+                    .report
+                    .text
+                    .get(v.span())
+                    .unwrap_or("")
+                    .trim()
+                    .to_owned();
                 let digits = written.trim_start_matches('+').replace('_', "");
                 if !written.starts_with("0o") && *i != 0 {
                     let hint = if !digits.is_empty()
@@ -1205,6 +1597,48 @@ impl Svc<'_> {
     }
 }
 
+/// The paths matching a glob pattern, in lexical order, each a regular file or the error
+/// naming the path that cannot be read or is not a regular file. `Err`: a bad pattern.
+fn matches(pattern: &str) -> Result<Vec<Result<PathBuf, String>>, String> {
+    // A leading dot must be written: editors' lock and backup files (`.#x.toml`) are skipped.
+    let opts = glob::MatchOptions {
+        case_sensitive: true,
+        require_literal_separator: true,
+        require_literal_leading_dot: true,
+    };
+    let paths = glob::glob_with(pattern, opts).map_err(|e| {
+        format!(
+            "invalid glob pattern: {} (at character {})",
+            e.msg,
+            e.pos + 1
+        )
+    })?;
+    let mut out = Vec::new();
+    let mut found = Vec::new();
+    for p in paths {
+        match p {
+            Ok(p) => found.push(p),
+            Err(e) => out.push(Err(format!(
+                "{}: cannot read: {}",
+                e.path().display(),
+                e.error()
+            ))),
+        }
+    }
+    found.sort();
+    for p in found {
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => out.push(Ok(p)),
+            Ok(_) => out.push(Err(format!(
+                "{}: not a regular file; a drop-in must be a TOML file",
+                p.display()
+            ))),
+            Err(e) => out.push(Err(format!("{}: cannot read: {e}", p.display()))),
+        }
+    }
+    Ok(out)
+}
+
 /// A lone string (span 0..0, see `raw`) takes the span of its parent value.
 fn with_span(s: Spanned<String>, parent: &Range<usize>) -> Spanned<String> {
     if s.span() == (0..0) {
@@ -1255,7 +1689,7 @@ fn key_segment(key: &str) -> String {
 }
 
 /// Keys whose value is an array of strings: a lone string there gets a hint to bracket it.
-const ARRAY_KEYS: &[&str] = &["exec", "allow", "deny", "pass_env"];
+const ARRAY_KEYS: &[&str] = &["exec", "allow", "deny", "pass_env", "include"];
 
 /// "unknown key `listn` (did you mean `listen`?), expected one of `mode`, `exec`, …".
 fn unknown_key(name: &str, keys: &[&str]) -> String {
@@ -1349,7 +1783,7 @@ mod tests {
 
     #[test]
     fn positions_count_characters() {
-        let r = Report::new(Path::new("f"), "a\nxé = 1\n");
+        let r = Report::new(Path::new("f"), "a\nxé = 1\n".into());
         assert_eq!(r.position(0), (1, 1));
         assert_eq!(r.position(2), (2, 1));
         assert_eq!(r.position(5), (2, 3)); // after the two-byte 'é'

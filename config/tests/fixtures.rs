@@ -104,6 +104,7 @@ fn valid_fixtures_load_as_root_and_as_a_user() {
         let opts = LoadOptions {
             exe_dir: Some(dir.path().to_path_buf()),
             running_as_root,
+            ..Default::default()
         };
         for rel in &files {
             if let Err(e) = parse(rel, &opts) {
@@ -188,6 +189,7 @@ fn minimal_fixture_gets_the_defaults() {
     let as_root = LoadOptions {
         exe_dir: None,
         running_as_root: true,
+        ..Default::default()
     };
     let config = parse(Path::new("tests/fixtures/valid/minimal.toml"), &as_root).unwrap();
     assert_eq!(
@@ -233,6 +235,13 @@ fn minimal_fixture_gets_the_defaults() {
     assert_eq!(s.limits, Limits::default());
     assert_eq!(s.connection, ConnectionPassing::Stdio);
     assert_eq!(s.unix_socket, UnixSocketOptions::default());
+    assert!(s.enabled);
+    assert_eq!(s.instances, 1);
+    assert_eq!(s.max_duration, None);
+    assert_eq!(s.handoff, Handoff::ListenFds);
+    assert_eq!(s.log_peer, LogPeer::Full);
+    assert_eq!(s.file, Path::new("tests/fixtures/valid/minimal.toml"));
+    assert_eq!(config.files, std::slice::from_ref(&s.file));
 }
 
 #[test]
@@ -241,12 +250,13 @@ fn example_fixture_values() {
     let opts = LoadOptions {
         exe_dir: Some(dir.path().to_path_buf()),
         running_as_root: true,
+        ..Default::default()
     };
     let config = parse(Path::new("tests/fixtures/valid/example.toml"), &opts).unwrap();
     let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         names,
-        ["small", "cat", "unix-cat"],
+        ["small", "cat", "unix-cat", "udp-echo", "old-cat"],
         "file order, not sorted"
     );
 
@@ -361,6 +371,38 @@ fn example_fixture_values() {
     );
     assert_eq!(unix.max_instances, 64);
     assert!(unix.allow_root, "runs as root with allow_root = true");
+
+    // [service.cat] also has max_duration and log_peer.
+    assert_eq!(cat.max_duration, Some(Duration::from_secs(300)));
+    assert_eq!(cat.log_peer, LogPeer::Masked);
+    assert_eq!(cat.handoff, Handoff::ListenFds, "nowait: always ListenFds");
+    assert_eq!(cat.instances, 1, "nowait: always 1");
+
+    // [service.udp-echo]: the inetd wait protocol, two children.
+    let udp = config.service("udp-echo").unwrap();
+    assert_eq!(udp.mode, Mode::Wait);
+    assert_eq!(udp.handoff, Handoff::Stdin);
+    assert_eq!(udp.instances, 2);
+    assert_eq!(udp.max_instances, 1);
+    assert_eq!(udp.log_peer, LogPeer::None);
+    assert_eq!(udp.max_duration, None);
+
+    // [service.old-cat]: disabled, kept, sharing cat's port without a clash.
+    let old = config.service("old-cat").unwrap();
+    assert!(!old.enabled);
+    assert_eq!(old.listen[0].addr, cat.listen[0].addr);
+    assert!(
+        config
+            .services
+            .iter()
+            .filter(|s| s.name != "old-cat")
+            .all(|s| s.enabled)
+    );
+    assert!(config.services.iter().all(|s| s.file == config.files[0]));
+    assert_eq!(
+        config.files,
+        [Path::new("tests/fixtures/valid/example.toml")]
+    );
 }
 
 #[test]
@@ -389,6 +431,7 @@ user = "nobody"
     let as_root = LoadOptions {
         exe_dir: None,
         running_as_root: true,
+        ..Default::default()
     };
     let err = parse_str(text, origin, &as_root).unwrap_err().to_string();
     let hint = "refusing to run service as root; set user = \"nobody\" (or another user), user_if_root = \"nobody\" (that user when the superserver is root, itself otherwise) or allow_root = true";
@@ -415,6 +458,7 @@ user_if_root = "nobody"
     let as_root = LoadOptions {
         exe_dir: None,
         running_as_root: true,
+        ..Default::default()
     };
     let root = parse_str(text, origin, &as_root).unwrap();
     let creds = root.services[0]
@@ -479,4 +523,36 @@ fn access_rules_precedence() {
         deny: vec![net("10.0.0.0/8")],
     };
     assert!(!rules.permits(ip("10.0.0.1")));
+}
+
+#[test]
+fn dropins_fixture_reads_its_directory() {
+    let config = parse(
+        Path::new("tests/fixtures/valid/dropins.toml"),
+        &LoadOptions::default(),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let dir = Path::new("tests/fixtures/valid");
+    assert_eq!(
+        config.files,
+        [
+            dir.join("dropins.toml"),
+            dir.join("dropins.d/10-echo.toml"),
+            dir.join("dropins.d/20-off.toml"),
+        ]
+    );
+    let summary: Vec<(&str, bool, &Path)> = config
+        .services
+        .iter()
+        .map(|s| (s.name.as_str(), s.enabled, s.file.as_path()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("main", true, config.files[0].as_path()),
+            ("dropin-echo", true, config.files[1].as_path()),
+            ("dropin-off", false, config.files[2].as_path()),
+        ]
+    );
+    assert_eq!(config.services[1].log_peer, LogPeer::Masked);
 }

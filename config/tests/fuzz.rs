@@ -125,6 +125,7 @@ fn mutated_fixtures_never_panic_and_errors_stay_one_line() {
     let opts = LoadOptions {
         exe_dir: Some(dir.path().to_path_buf()),
         running_as_root: true,
+        ..Default::default()
     };
     let origin = Path::new("fuzz.toml");
     let mut rng = Rng(0x5eed_c0ff_ee15_600d);
@@ -173,5 +174,71 @@ fn mutated_fixtures_never_panic_and_errors_stay_one_line() {
     assert!(
         failed > 0 && ok > 0,
         "mutations should both keep and break files"
+    );
+}
+
+/// Drop-ins: every fixture, mutated, as the one drop-in of a valid main file. The errors name
+/// the main file or the drop-in, never anything else, and stay one line each.
+#[test]
+fn mutated_drop_ins_never_panic_and_errors_name_their_file() {
+    const DROP_IN_CASES: usize = 400;
+    let fixtures = all_fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("small-services");
+    std::fs::write(&exe, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let opts = LoadOptions {
+        exe_dir: Some(dir.path().to_path_buf()),
+        running_as_root: true,
+        ..Default::default()
+    };
+    let main = dir.path().join("main.toml");
+    std::fs::write(
+        &main,
+        "[superserver]\ninclude = [\"d/*.toml\"]\n\n[service.main-svc]\nexec = [\"cat\"]\n\
+         listen = \"127.0.0.1:7999\"\nuser = \"nobody\"\n",
+    )
+    .unwrap();
+    std::fs::create_dir(dir.path().join("d")).unwrap();
+    let drop_in = dir.path().join("d/x.toml");
+    let prefixes = [
+        format!("{}:", main.display()),
+        format!("{}:", drop_in.display()),
+    ];
+    let mut rng = Rng(0xd20b_1a5e_0ff1_1e00);
+    let (mut ok, mut failed) = (0, 0);
+    for case in 0..DROP_IN_CASES {
+        let (name, original) = &fixtures[case % fixtures.len()];
+        let input = mutate(&mut rng, original);
+        std::fs::write(&drop_in, &input).unwrap();
+        let began = Instant::now();
+        let result = load(&main, &opts);
+        let took = began.elapsed();
+        let what = || format!("case {case}, from {}", name.display());
+        assert!(took < PER_INPUT, "took {took:?}: {}", what());
+        match result {
+            Ok(config) => {
+                ok += 1;
+                assert_eq!(config.files, [main.clone(), drop_in.clone()]);
+            }
+            Err(errors) => {
+                failed += 1;
+                assert!(!errors.0.is_empty(), "Err without errors: {}", what());
+                for e in &errors.0 {
+                    let line = e.to_string();
+                    assert!(!line.contains('\n') && !line.contains('\r'), "{line:?}");
+                    assert!(
+                        prefixes.iter().any(|p| line.starts_with(p.as_str())),
+                        "{line:?}: {}",
+                        what()
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("{DROP_IN_CASES} mutated drop-ins: {ok} valid, {failed} refused");
+    assert!(
+        failed > 0 && ok > 0,
+        "mutations should both keep and break drop-ins"
     );
 }

@@ -56,6 +56,7 @@ fn ten_thousand_services_validate_in_linear_time() {
     let opts = LoadOptions {
         exe_dir: Some(dir.path().to_path_buf()),
         running_as_root: false,
+        ..Default::default()
     };
 
     let start = Instant::now();
