@@ -26,6 +26,11 @@ pub struct Args {
     #[arg(short, long, env = "SUPERSERVER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
 
+    /// Also read DIR/*.toml (drop-in files holding [service.NAME] tables), after the
+    /// configuration's own `include` patterns. May be given more than once.
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Vec<PathBuf>,
+
     /// Validate the configuration (FILE, or --config, or the embedded default), print the plan
     /// and exit: 0 when valid, 3 with every error otherwise.
     #[arg(long, value_name = "FILE", num_args = 0..=1)]

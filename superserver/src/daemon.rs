@@ -526,9 +526,10 @@ impl<S: Source> Daemon<S> {
             }
             // inetd's protocol: the one listening socket on stdin and stdout.
             Handoff::Stdin => match fds.first() {
-                Some(&fd) => svc
-                    .template
-                    .spawn(Fds::StdinListener(fd), &[], false, self.devnull.as_raw_fd()),
+                Some(&fd) => {
+                    svc.template
+                        .spawn(Fds::StdinListener(fd), &[], false, self.devnull.as_raw_fd())
+                }
                 None => return,
             },
         };
@@ -797,8 +798,7 @@ impl<S: Source> Daemon<S> {
                 let pending = any_readable(&fds);
                 // Quick and leaving connections queued that no other instance will take: it
                 // did not do its job.
-                let failed =
-                    !exit.success() || (exit.runtime < QUICK_EXIT && pending && !others);
+                let failed = !exit.success() || (exit.runtime < QUICK_EXIT && pending && !others);
                 let head = format!(
                     "{}: pid {} {} after {}",
                     svc.def.name,

@@ -75,7 +75,7 @@ fn run(args: cli::Args) -> Result<(), Failure> {
     }
     if let Some(check) = args.check {
         let path = check.or(args.config);
-        let source = ConfigSource::new(path);
+        let source = ConfigSource::new(path, args.config_dir);
         let config = source.load_reported().map_err(Failure::Config)?;
         spawn::prepare_all(&config.services).map_err(|e| templates_failed(&source, e))?;
         let (busy, notes) = preflight::check_addresses(&config);
@@ -83,6 +83,14 @@ fn run(args: cli::Args) -> Result<(), Failure> {
             return Err(templates_failed(&source, busy));
         }
         stdout(&format!("{}: valid; the plan:\n", source.origin()));
+        if config.files.len() > 1 {
+            let files: Vec<String> = config
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            stdout(&format!("  files read: {}\n", files.join(", ")));
+        }
         stdout(&plan::describe(&config));
         for note in notes {
             stdout(&format!("note: {note}\n"));
@@ -91,7 +99,7 @@ fn run(args: cli::Args) -> Result<(), Failure> {
     }
     source::ensure_std_fds();
     spawn::raise_nofile_limit();
-    let source = ConfigSource::new(args.config);
+    let source = ConfigSource::new(args.config, args.config_dir);
     let config = source.load_reported().map_err(Failure::Config)?;
     let templates =
         spawn::prepare_all(&config.services).map_err(|e| templates_failed(&source, e))?;

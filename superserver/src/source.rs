@@ -19,7 +19,7 @@ pub struct ConfigSource {
 }
 
 impl ConfigSource {
-    pub fn new(path: Option<PathBuf>) -> ConfigSource {
+    pub fn new(path: Option<PathBuf>, config_dirs: Vec<PathBuf>) -> ConfigSource {
         let exe_dir = std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(Path::to_path_buf));
@@ -28,6 +28,7 @@ impl ConfigSource {
             options: LoadOptions {
                 exe_dir,
                 running_as_root: nix::unistd::geteuid().is_root(),
+                config_dirs,
             },
         }
     }

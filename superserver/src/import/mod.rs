@@ -284,6 +284,19 @@ fn render(origins: &[String], header_notes: &[String], all: Vec<Service>) -> Str
     if internal.is_empty() && external.is_empty() {
         out.push_str("# no services found: every entry is commented out or absent\n");
     }
+    // A configuration that serves nothing is refused unless it says so: say so when the
+    // imported files switched every service off (Debian's xinetd ships them that way).
+    let serves = internal
+        .iter()
+        .chain(&external)
+        .any(|s| s.enable && s.unusable.is_none());
+    if !serves {
+        out.push_str(
+            "\n# Every imported service is disabled or cannot be used as written: enable one\n\
+             # (delete its `enable = false`) and remove allow_no_services.\n\
+             [superserver]\nallow_no_services = true\n",
+        );
+    }
     let mut used: Vec<String> = Vec::new();
     let small = render_small(&internal, &mut out, &mut used);
     if let Some(small) = small {

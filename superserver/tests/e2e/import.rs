@@ -273,7 +273,6 @@ fn an_imported_nowait_service_passes_check() {
 }
 
 #[test]
-#[ignore = "needs handoff/enable keys from the config work"]
 fn imported_wait_and_internal_services_pass_check() {
     if nix::unistd::geteuid().as_raw() != 0 {
         eprintln!("skipped: needs root (users, ports below 1024)");

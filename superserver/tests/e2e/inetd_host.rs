@@ -44,7 +44,12 @@ fn tftpd_serves_files_through_the_socket_on_stdin() {
     for name in ["boot.img", "motd"] {
         let dest = out.join(name);
         let status = Command::new("/usr/bin/tftp")
-            .args(["-m", "binary", &addr.ip().to_string(), &addr.port().to_string()])
+            .args([
+                "-m",
+                "binary",
+                &addr.ip().to_string(),
+                &addr.port().to_string(),
+            ])
             .args(["-c", "get", name])
             .arg(&dest)
             .status()
@@ -62,7 +67,12 @@ fn tftpd_serves_files_through_the_socket_on_stdin() {
     server.wait_log("tftp: pid ");
     let dest = out.join("again");
     let status = Command::new("/usr/bin/tftp")
-        .args(["-m", "binary", &addr.ip().to_string(), &addr.port().to_string()])
+        .args([
+            "-m",
+            "binary",
+            &addr.ip().to_string(),
+            &addr.port().to_string(),
+        ])
         .args(["-c", "get", "motd"])
         .arg(&dest)
         .status()
@@ -106,7 +116,13 @@ fn git_daemon_serves_a_clone_in_nowait_mode() {
     git(&["commit", "-q", "-m", "first"], &work);
     std::fs::create_dir(dir.join("git")).unwrap();
     git(
-        &["clone", "-q", "--bare", work.to_str().unwrap(), "git/repo.git"],
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            "git/repo.git",
+        ],
         dir,
     );
     // The daemon runs as nobody: the repository must be nobody's (git refuses another
@@ -149,13 +165,20 @@ fn drop_in_files_come_and_go_with_a_reload() {
     .unwrap();
     server.signal(libc::SIGHUP);
     server.wait_log("reload: 1 kept, 1 added (extra)");
-    assert_eq!(echo(extra_addr, "from a drop-in").unwrap(), "from a drop-in");
+    assert_eq!(
+        echo(extra_addr, "from a drop-in").unwrap(),
+        "from a drop-in"
+    );
     assert!(
         TcpStream::connect(off_addr).is_err(),
         "a disabled service binds nothing"
     );
     // A bad drop-in: the whole set is rejected and everything keeps serving.
-    std::fs::write(dropins.join("60-bad.toml"), "[service.bad]\nexec = \"cat\"\n").unwrap();
+    std::fs::write(
+        dropins.join("60-bad.toml"),
+        "[service.bad]\nexec = \"cat\"\n",
+    )
+    .unwrap();
     server.signal(libc::SIGHUP);
     let line = server.wait_log("60-bad.toml:");
     assert!(line.contains("service.bad"), "{line}");
@@ -165,7 +188,10 @@ fn drop_in_files_come_and_go_with_a_reload() {
     std::fs::remove_file(dropins.join("50-extra.toml")).unwrap();
     server.signal(libc::SIGHUP);
     server.wait_log("1 removed (extra)");
-    assert!(TcpStream::connect(extra_addr).is_err(), "removed with its file");
+    assert!(
+        TcpStream::connect(extra_addr).is_err(),
+        "removed with its file"
+    );
     assert_eq!(echo(main_addr, "main").unwrap(), "main");
 }
 
