@@ -1,7 +1,8 @@
 //! Loopback-only load generator for `bench/run`.
 //!
 //! Modes (one JSON line per run on stdout):
-//! - `connect-echo`: C clients, each N sequential connect / send a line / read the echo / close.
+//! - `connect-echo`: C clients, each N sequential connect / send a line / read the echo / close
+//!   (`--proto daytime`: connect / read the reply until the server closes / close).
 //! - `hold`: keep K idle connections open for T seconds, echo-probe each once, report served/alive.
 //! - `first-byte`: one connection to a (cold) socket, time from connect() to the first reply byte.
 //! - `wait-port`: poll-connect a port until it accepts (bounded), for readiness checks.
@@ -44,6 +45,25 @@ struct Common {
     /// Bytes per line sent (including the trailing newline).
     #[arg(long, default_value_t = 32)]
     line_bytes: usize,
+    /// What one probe is: `echo` sends the line and reads it back; `daytime` sends nothing and
+    /// reads the reply until the server closes (1..=512 bytes, a digit in it, ending in a newline).
+    #[arg(long, value_enum, default_value_t = Proto::Echo)]
+    proto: Proto,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Proto {
+    Echo,
+    Daytime,
+}
+
+impl Proto {
+    fn name(self) -> &'static str {
+        match self {
+            Proto::Echo => "echo",
+            Proto::Daytime => "daytime",
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -185,6 +205,7 @@ struct Ctx {
     cto: Duration,
     ito: Duration,
     line: Vec<u8>,
+    proto: Proto,
 }
 
 impl Ctx {
@@ -194,6 +215,7 @@ impl Ctx {
             cto: Duration::from_millis(c.connect_timeout_ms.max(1)),
             ito: Duration::from_millis(c.io_timeout_ms.max(1)),
             line: make_line(c.line_bytes),
+            proto: c.proto,
         })
     }
 
@@ -208,8 +230,12 @@ impl Ctx {
         Ok(s)
     }
 
-    /// Sends the line and reads its echo back. Returns the time of the first reply byte.
+    /// Sends the line and reads its echo back (daytime: reads the reply until EOF). Returns the
+    /// time of the first reply byte.
     fn probe(&self, s: &mut TcpStream) -> Result<Instant, Fail> {
+        if self.proto == Proto::Daytime {
+            return self.probe_daytime(s);
+        }
         s.write_all(&self.line).map_err(|e| Fail::from_io(&e))?;
         let mut buf = vec![0u8; self.line.len()];
         let mut got = 0;
@@ -235,6 +261,46 @@ impl Ctx {
             }
         }
         if buf != self.line {
+            return Err(Fail::Mismatch);
+        }
+        Ok(first.unwrap_or_else(Instant::now))
+    }
+
+    /// RFC 867: the server writes one line of text and closes. Anything up to 512 bytes ending in
+    /// a newline with a digit in it is accepted (xinetd, openbsd-inetd and small-services all
+    /// format the date differently).
+    fn probe_daytime(&self, s: &mut TcpStream) -> Result<Instant, Fail> {
+        let mut buf = [0u8; 513];
+        let mut got = 0;
+        let mut first = None;
+        loop {
+            match s.read(&mut buf[got..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    if first.is_none() {
+                        first = Some(Instant::now());
+                    }
+                    got += n;
+                    if got == buf.len() {
+                        return Err(Fail::Mismatch);
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let f = Fail::from_io(&e);
+                    return Err(if got > 0 && matches!(f, Fail::Timeout) {
+                        Fail::Short
+                    } else {
+                        f
+                    });
+                }
+            }
+        }
+        let reply = &buf[..got];
+        if got == 0 {
+            return Err(Fail::Eof);
+        }
+        if reply.last() != Some(&b'\n') || !reply.iter().any(u8::is_ascii_digit) {
             return Err(Fail::Mismatch);
         }
         Ok(first.unwrap_or_else(Instant::now))
@@ -308,7 +374,8 @@ fn connect_echo(c: &Common, conc: usize, n: usize, max_s: f64) -> Result<String,
     let nerr: u64 = errs.iter().sum();
     let cps = if wall > 0.0 { ok as f64 / wall } else { 0.0 };
     Ok(format!(
-        "{{\"mode\":\"connect-echo\",\"label\":{},\"addr\":\"{}\",\"concurrency\":{},\"per_client\":{},\"attempted\":{},\"ok\":{},\"errors\":{},\"error_total\":{},\"wall_s\":{:.4},\"conn_per_s\":{:.1},\"lat_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}}}}",
+        "{{\"mode\":\"connect-echo\",\"proto\":\"{}\",\"label\":{},\"addr\":\"{}\",\"concurrency\":{},\"per_client\":{},\"attempted\":{},\"ok\":{},\"errors\":{},\"error_total\":{},\"wall_s\":{:.4},\"conn_per_s\":{:.1},\"lat_ms\":{{\"p50\":{:.3},\"p90\":{:.3},\"p99\":{:.3},\"max\":{:.3}}}}}",
+        ctx.proto.name(),
         json_str(&c.label),
         ctx.sa,
         conc,
@@ -430,7 +497,8 @@ fn first_byte(c: &Common, warm: usize) -> Result<String, String> {
         Err(_) => (false, -1.0, -1.0),
     };
     Ok(format!(
-        "{{\"mode\":\"first-byte\",\"label\":{},\"addr\":\"{}\",\"cold_ok\":{},\"cold_first_byte_ms\":{:.3},\"cold_total_ms\":{:.3},\"warm\":{},\"warm_ok\":{},\"warm_first_byte_p50_ms\":{:.3},\"errors\":{}}}",
+        "{{\"mode\":\"first-byte\",\"proto\":\"{}\",\"label\":{},\"addr\":\"{}\",\"cold_ok\":{},\"cold_first_byte_ms\":{:.3},\"cold_total_ms\":{:.3},\"warm\":{},\"warm_ok\":{},\"warm_first_byte_p50_ms\":{:.3},\"errors\":{}}}",
+        ctx.proto.name(),
         json_str(&c.label),
         ctx.sa,
         cold_ok,
