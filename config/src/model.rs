@@ -37,6 +37,24 @@ pub struct Global {
     pub restart_backoff_min: Duration,
     /// Cap of that back-off (`restart_backoff_max`, default 30s).
     pub restart_backoff_max: Duration,
+    /// The control socket (`control`).
+    pub control: Control,
+    /// A group whose members may read `status` (`control_group`).
+    pub control_group: Option<u32>,
+    /// Where Prometheus metrics are served (`metrics`, off by default).
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Where the control socket is.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Control {
+    /// `/run/superserver/control` when root, `$XDG_RUNTIME_DIR/superserver/control` otherwise.
+    #[default]
+    Default,
+    /// `control = false`: none.
+    Off,
+    /// `control = "/path"`.
+    Path(PathBuf),
 }
 
 /// How the service is handed its sockets.

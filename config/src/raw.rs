@@ -35,6 +35,17 @@ pub struct RawGlobal {
     pub restart_backoff_max: Option<Spanned<String>>,
     pub allow_no_services: Option<bool>,
     pub include: Option<Spanned<Vec<Spanned<String>>>>,
+    pub control: Option<Spanned<RawControl>>,
+    pub control_group: Option<Spanned<NameOrId>>,
+    pub metrics: Option<Spanned<String>>,
+}
+
+/// `control = false` or `control = "/path"` (`true`: the default path).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum RawControl {
+    Switch(bool),
+    Path(String),
 }
 
 impl RawTable for RawGlobal {
@@ -45,6 +56,9 @@ impl RawTable for RawGlobal {
         "restart_backoff_max",
         "allow_no_services",
         "include",
+        "control",
+        "control_group",
+        "metrics",
     ];
 }
 

@@ -734,7 +734,47 @@ impl Validator<'_> {
             backlog: 4096,
             restart_backoff_min: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(30),
+            control: Control::Default,
+            control_group: None,
+            metrics: None,
         };
+        if let Some(c) = &raw.control {
+            g.control = match c.get_ref() {
+                RawControl::Switch(true) => Control::Default,
+                RawControl::Switch(false) => Control::Off,
+                RawControl::Path(p) if Path::new(p).is_absolute() => {
+                    Control::Path(PathBuf::from(crate::normalize_path(p)))
+                }
+                RawControl::Path(p) => {
+                    self.error(
+                        c.span(),
+                        "superserver.control",
+                        format!(
+                            "{:?} is not an absolute path; write e.g. control = \"/run/superserver/control\", or false",
+                            p
+                        ),
+                    );
+                    Control::Default
+                }
+            };
+        }
+        if let Some(gr) = &raw.control_group {
+            match crate::values::resolve_group(gr.get_ref()) {
+                Ok(gid) => g.control_group = Some(gid.as_raw()),
+                Err(m) => self.error(gr.span(), "superserver.control_group", m),
+            }
+        }
+        if let Some(m) = &raw.metrics {
+            match crate::parse_listen_addr(m.get_ref()) {
+                Ok(ListenAddr::Tcp(sa)) => g.metrics = Some(sa),
+                Ok(_) => self.error(
+                    m.span(),
+                    "superserver.metrics",
+                    "a TCP address such as \"127.0.0.1:9100\" (Prometheus scrapes over HTTP)",
+                ),
+                Err(e) => self.error(m.span(), "superserver.metrics", e),
+            }
+        }
         if let Some(d) = &raw.shutdown_grace {
             g.shutdown_grace = self
                 .duration(d, "superserver.shutdown_grace", MAX_SHUTDOWN_GRACE)

@@ -199,6 +199,9 @@ fn minimal_fixture_gets_the_defaults() {
             backlog: 4096,
             restart_backoff_min: Duration::from_millis(100),
             restart_backoff_max: Duration::from_secs(30),
+            control: superserver_config::Control::Default,
+            control_group: None,
+            metrics: None,
         }
     );
     let [s] = &config.services[..] else {
@@ -555,4 +558,24 @@ fn dropins_fixture_reads_its_directory() {
         ]
     );
     assert_eq!(config.services[1].log_peer, LogPeer::Masked);
+}
+
+#[test]
+fn control_socket_and_metrics_keys() {
+    let opts = LoadOptions::default();
+    let base = "[service.a]\nexec = [\"/bin/cat\"]\nlisten = \"127.0.0.1:7000\"\n";
+    let parse = |head: &str| parse_str(&format!("{head}\n{base}"), Path::new("c.toml"), &opts);
+    let off = parse("[superserver]\ncontrol = false\nmetrics = \"127.0.0.1:9100\"").unwrap();
+    assert_eq!(off.global.control, superserver_config::Control::Off);
+    assert_eq!(off.global.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+    let path = parse("[superserver]\ncontrol = \"/run/x//ctl\"").unwrap();
+    assert_eq!(
+        path.global.control,
+        superserver_config::Control::Path("/run/x/ctl".into())
+    );
+    let err = parse("[superserver]\ncontrol = \"ctl\"\nmetrics = \"udp://127.0.0.1:9\"")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("c.toml:2:11: superserver.control: \"ctl\" is not an absolute path"), "{err}");
+    assert!(err.contains("superserver.metrics: a TCP address"), "{err}");
 }
