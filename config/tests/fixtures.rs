@@ -576,6 +576,9 @@ fn control_socket_and_metrics_keys() {
     let err = parse("[superserver]\ncontrol = \"ctl\"\nmetrics = \"udp://127.0.0.1:9\"")
         .unwrap_err()
         .to_string();
-    assert!(err.contains("c.toml:2:11: superserver.control: \"ctl\" is not an absolute path"), "{err}");
+    assert!(
+        err.contains("c.toml:2:11: superserver.control: \"ctl\" is not an absolute path"),
+        "{err}"
+    );
     assert!(err.contains("superserver.metrics: a TCP address"), "{err}");
 }

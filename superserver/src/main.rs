@@ -8,12 +8,15 @@ mod import;
 mod limits;
 mod logging;
 mod notify;
+mod nowait;
 mod plan;
 mod preflight;
 mod program;
+mod reload;
 mod sockets;
 mod source;
 mod spawn;
+mod wait;
 
 use std::process::ExitCode;
 

@@ -1,0 +1,277 @@
+//! Nowait mode: accept, check access and limits before any fork, start one process per
+//! connection with the peer in its environment, end children that overrun `max_duration`.
+
+use std::cmp::Reverse;
+use std::ffi::OsStr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use ipnet::IpNet;
+use superserver_config::{ConnectionPassing, ListenAddr, LogPeer, Overflow};
+
+use crate::children::{self, Child, Exit, Kind};
+use crate::daemon::*;
+use crate::limits::{self};
+use crate::spawn::Fds;
+
+impl<S: Source> Daemon<S> {
+    /// Nowait: accept every pending connection the limits allow.
+    pub(crate) fn accept_all(&mut self, i: usize, slot: usize) {
+        loop {
+            if !self.services[i].armed {
+                return;
+            }
+            let svc = &mut self.services[i];
+            if svc.at_capacity() && svc.def.overflow == Overflow::Hold {
+                if !svc.holding {
+                    svc.holding = true;
+                    log::warn!(
+                        "{}: max_instances ({}) reached; new clients wait in the backlog",
+                        svc.def.name,
+                        svc.def.max_instances
+                    );
+                }
+                self.rearm(i);
+                return;
+            }
+            if !self.rate_allows(i, false) {
+                return;
+            }
+            let svc = &mut self.services[i];
+            let Some(bound) = svc.slots.get(slot).and_then(|s| s.bound.as_ref()) else {
+                return;
+            };
+            let (conn, peer) = match bound.socket.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS, ENOMEM: pause instead of spinning.
+                    log::error!("{}: accept failed: {e}; pausing", svc.def.name);
+                    let at = Instant::now() + ACCEPT_PAUSE;
+                    svc.pause_until = Some(at);
+                    let id = svc.id;
+                    self.add_timer(at, Timer::Service(id));
+                    self.rearm(i);
+                    return;
+                }
+            };
+            let peer = peer.as_socket();
+            self.handle_connection(i, slot, conn, peer);
+        }
+    }
+
+    pub(crate) fn handle_connection(
+        &mut self,
+        i: usize,
+        slot: usize,
+        conn: socket2::Socket,
+        peer: Option<SocketAddr>,
+    ) {
+        let svc = &mut self.services[i];
+        let peer_str = peer_label(peer, svc.def.log_peer);
+        let refusal = if let Some(p) = peer
+            && !svc.def.access.is_empty()
+            && !svc.def.access.permits(p.ip())
+        {
+            Some("denied by allow/deny".to_string())
+        } else if svc.at_capacity() {
+            // Only reachable with overflow = "close".
+            Some(format!("max_instances ({}) reached", svc.def.max_instances))
+        } else {
+            None
+        };
+        let mut source = None;
+        let refusal = refusal.or_else(|| match (svc.def.per_source, peer) {
+            (Some(limit), Some(p)) => {
+                let key = limits::source_key(p.ip(), &limit);
+                let sources = svc.sources.get_or_insert_with(Default::default);
+                if sources.try_add(key, limit.max) {
+                    source = Some(key);
+                    None
+                } else {
+                    Some(format!("has {} connections (max_per_source)", limit.max))
+                }
+            }
+            _ => None,
+        });
+        if let Some(why) = refusal {
+            if let Some(more) = svc.refusals.allow(Instant::now()) {
+                let more = if more > 0 {
+                    format!(" (and {more} more refused since the last such line)")
+                } else {
+                    String::new()
+                };
+                log::warn!("{}: {peer_str} {why}; closed{more}", svc.def.name);
+            }
+            return;
+        }
+        if let Some(bucket) = svc.bucket.as_mut() {
+            bucket.try_take(Instant::now());
+        }
+        let local = local_addr(&svc.def.listen[slot].addr, &conn);
+        let env_owned = peer_env(peer, local);
+        let mut env: Vec<(&str, &OsStr)> =
+            env_owned.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
+        let fds = match svc.def.connection {
+            ConnectionPassing::Stdio => Fds::Stdio(conn.as_raw_fd()),
+            ConnectionPassing::ListenFds => {
+                env.push(("LISTEN_FDS", OsStr::new("1")));
+                env.push(("LISTEN_FDNAMES", OsStr::new("connection")));
+                Fds::Fd3(conn.as_raw_fd())
+            }
+        };
+        let listen_pid = svc.def.connection == ConnectionPassing::ListenFds;
+        match svc
+            .template
+            .spawn(fds, &env, listen_pid, self.devnull.as_raw_fd())
+        {
+            Ok(pid) => {
+                svc.running += 1;
+                log::debug!("{}: {peer_str} → pid {pid}", svc.def.name);
+                let started = Instant::now();
+                if let Some(limit) = svc.def.max_duration {
+                    let timer = Timer::Overrun {
+                        pid,
+                        started,
+                        kill: false,
+                    };
+                    self.timers.push(Reverse((started + limit, timer)));
+                }
+                let child = Child {
+                    service: svc.def.name.clone(),
+                    svc_id: svc.id,
+                    started,
+                    kind: Kind::Connection {
+                        peer: peer_str,
+                        source,
+                    },
+                };
+                self.children.insert(pid, child);
+            }
+            Err(e) => {
+                log::error!(
+                    "{}: {peer_str}: cannot start {}: {e}; closed",
+                    svc.def.name,
+                    svc.template.what()
+                );
+                if let Some(key) = source {
+                    if let Some(sources) = svc.sources.as_mut() {
+                        sources.remove(&key);
+                    }
+                }
+            }
+        }
+        // `conn` is closed here: the child has its own copy.
+    }
+
+    /// A nowait child ran for its `max_duration`: SIGTERM to its process group, and SIGKILL
+    /// after the shutdown grace period if it is still there.
+    pub(crate) fn overrun(&mut self, pid: i32, started: Instant, kill: bool, now: Instant) {
+        let Some(child) = self.children.get(pid) else {
+            return;
+        };
+        if child.started != started {
+            return;
+        }
+        let name = child.service.clone();
+        let ran = children::human(now - started);
+        if kill {
+            log::warn!("{name}: pid {pid} still running {ran} after max_duration; SIGKILL");
+            signal_group(pid, libc::SIGKILL);
+        } else {
+            log::warn!("{name}: pid {pid} ran for {ran} (max_duration); SIGTERM");
+            signal_group(pid, libc::SIGTERM);
+            let timer = Timer::Overrun {
+                pid,
+                started,
+                kill: true,
+            };
+            self.add_timer(now + self.global.shutdown_grace, timer);
+        }
+    }
+
+    /// A nowait child ended: one log line, and its slot (and its source's) is free again.
+    pub(crate) fn connection_exited(&mut self, exit: &Exit, peer: &str, source: &Option<IpNet>) {
+        let i = self.find(exit.child.svc_id);
+        log::info!(
+            "{}: {peer} pid {} {} after {}",
+            exit.child.service,
+            exit.pid,
+            exit.describe(),
+            children::human(exit.runtime)
+        );
+        let Some(i) = i else { return };
+        let svc = &mut self.services[i];
+        svc.running = svc.running.saturating_sub(1);
+        if let Some(key) = source {
+            if let Some(sources) = svc.sources.as_mut() {
+                sources.remove(key);
+            }
+        }
+        if svc.holding && !svc.at_capacity() {
+            svc.holding = false;
+            log::info!("{}: below max_instances, accepting again", svc.def.name);
+        }
+        self.rearm(i);
+    }
+}
+
+/// The local address of a connection: the configured one unless it is a wildcard.
+pub(crate) fn local_addr(listen: &ListenAddr, conn: &socket2::Socket) -> Option<SocketAddr> {
+    match listen {
+        ListenAddr::Tcp(a) if !a.ip().is_unspecified() => Some(*a),
+        ListenAddr::Tcp(_) => conn.local_addr().ok().and_then(|a| a.as_socket()),
+        _ => None,
+    }
+}
+
+/// The peer's identity for the child: UCSPI (`PROTO`, `TCPREMOTEIP`, …) and systemd's
+/// `REMOTE_ADDR`/`REMOTE_PORT`.
+pub(crate) fn peer_env(
+    peer: Option<SocketAddr>,
+    local: Option<SocketAddr>,
+) -> Vec<(&'static str, String)> {
+    let Some(peer) = peer else {
+        return vec![("PROTO", "UNIX".to_string())];
+    };
+    let ip = |a: IpAddr| match a {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(|v4| v4.to_string())
+            .unwrap_or_else(|| v6.to_string()),
+        v4 => v4.to_string(),
+    };
+    let mut env = vec![
+        ("PROTO", "TCP".to_string()),
+        ("TCPREMOTEIP", ip(peer.ip())),
+        ("TCPREMOTEPORT", peer.port().to_string()),
+        ("REMOTE_ADDR", ip(peer.ip())),
+        ("REMOTE_PORT", peer.port().to_string()),
+    ];
+    if let Some(local) = local {
+        env.push(("TCPLOCALIP", ip(local.ip())));
+        env.push(("TCPLOCALPORT", local.port().to_string()));
+    }
+    env
+}
+
+/// The client as a log line shows it (`log_peer`): "203.0.113.7:40112", "203.0.113.0/24",
+/// or no address at all.
+pub(crate) fn peer_label(peer: Option<SocketAddr>, how: LogPeer) -> String {
+    let Some(peer) = peer else {
+        return "unix".into();
+    };
+    match how {
+        LogPeer::Full => peer.to_string(),
+        LogPeer::Masked => {
+            let masked = superserver_config::mask_peer(peer.ip());
+            let bits = if masked.is_ipv4() { 24 } else { 48 };
+            format!("{masked}/{bits}")
+        }
+        LogPeer::None => "a client".into(),
+    }
+}
