@@ -72,6 +72,15 @@ impl Children {
         self.map.insert(pid, child);
     }
 
+    /// Pids of the children a service instance started, in no particular order.
+    pub fn pids_of(&self, svc_id: u64) -> Vec<i32> {
+        self.map
+            .iter()
+            .filter(|(_, c)| c.svc_id == svc_id)
+            .map(|(&pid, _)| pid)
+            .collect()
+    }
+
     pub fn get(&self, pid: i32) -> Option<&Child> {
         self.map.get(&pid)
     }

@@ -52,6 +52,52 @@ pub enum Command {
     /// /etc/services only; host names are never looked up. Exit codes: 0 written; 2 bad usage;
     /// 3 a file could not be read or parsed (FILE:LINE: message).
     Import(ImportArgs),
+    /// Ask the running superserver what each service is doing: its state and why, its
+    /// processes, sockets and accept queues, its last exit and its counters since start.
+    /// Exit codes: 0 answered; 1 the superserver refused (permission, unknown service);
+    /// 5 no superserver answers on the control socket.
+    Status(StatusArgs),
+    /// Reload the running superserver's configuration and say what changed, or every error
+    /// (the running configuration then stays). Exit codes: 0 applied; 3 rejected; 1 refused;
+    /// 5 no superserver answers.
+    Reload(ControlArgs),
+    /// Stop the running superserver: close the listeners, SIGTERM every service, wait up to
+    /// the grace period. Exit codes: 0 stopping; 1 refused; 5 no superserver answers.
+    Stop(StopArgs),
+}
+
+/// Where the running superserver's control socket is.
+#[derive(Debug, clap::Args)]
+pub struct ControlArgs {
+    /// The control socket. Default: /run/superserver/control for root,
+    /// $XDG_RUNTIME_DIR/superserver/control otherwise (the superserver's `control` key).
+    #[arg(long, env = "SUPERSERVER_CONTROL", value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Only these services.
+    #[arg(value_name = "SERVICE")]
+    pub services: Vec<String>,
+
+    /// The whole status as JSON (stable; documented in the README).
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StopArgs {
+    /// How long services get to finish before SIGKILL (default: the configured
+    /// shutdown_grace), e.g. 5s.
+    #[arg(long, value_name = "DURATION")]
+    pub grace: Option<String>,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 #[derive(Debug, clap::Args)]

@@ -20,12 +20,14 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
-use superserver_config::{Config, ConfigErrors, Global, Listen, Mode, Overflow, Service};
+use superserver_config::{Config, ConfigErrors, Global, Listen, Mode, Service};
 
+use crate::state::{Counters, Slot, Svc};
 use crate::children::{self, Children, Exit, Kind};
-use crate::limits::{self, SourceCounts, TokenBucket};
-use crate::sockets::{self, Bound, Pool};
+use crate::limits::{self, TokenBucket};
+use crate::sockets::{self, Pool};
 use crate::spawn::Template;
+use crate::control::{CONTROL, Control, METRICS};
 use crate::{filter, logging, notify, plan};
 
 pub(crate) const SIGNALS: Token = Token(0);
@@ -45,72 +47,14 @@ pub trait Source {
 #[derive(Debug)]
 pub struct StartError(pub String);
 
-/// One socket of a service, in the order of `def.listen` (which says what it is for).
-pub(crate) struct Slot {
-    pub(crate) bound: Option<Bound>,
-    pub(crate) token: Token,
-}
-
-/// A service's run-time state.
-pub(crate) struct Svc {
-    /// Unique per instance: children and tokens refer to it.
-    pub(crate) id: u64,
-    pub(crate) def: Service,
-    pub(crate) template: Template,
-    pub(crate) slots: Vec<Slot>,
-    pub(crate) armed: bool,
-    /// Wait mode: the process holding the sockets.
-    /// Wait mode: the processes holding the sockets (at most `instances`).
-    pub(crate) wait_children: Vec<i32>,
-    /// Consecutive failed activations (wait mode), for the back-off.
-    pub(crate) failures: u32,
-    pub(crate) backoff_until: Option<Instant>,
-    /// Nowait: running connection processes.
-    pub(crate) running: u32,
-    /// Only with `max_per_source` (boxed: most services have no limit and should not pay).
-    pub(crate) sources: Option<Box<SourceCounts>>,
-    pub(crate) bucket: Option<Box<TokenBucket>>,
-    pub(crate) rate_until: Option<Instant>,
-    /// A stretch of time during which the rate limit kept suspending the service: when it
-    /// began, the last suspension, and how many there were (logged once at each end).
-    pub(crate) rate_episode: Option<Box<(Instant, Instant, u32)>>,
-    /// Per-connection refusals (allow/deny, max_per_source, overflow = "close"), logged at
-    /// most once a second with a count of the ones not logged.
-    pub(crate) refusals: limits::LogLimiter,
-    pub(crate) pause_until: Option<Instant>,
-    pub(crate) holding: bool,
-    /// Sockets that could not be bound at reload, retried with back-off.
-    pub(crate) bind_retry: Option<(Instant, Duration)>,
-}
-
-impl Svc {
-    pub(crate) fn wants_armed(&self, shutting_down: bool) -> bool {
-        if shutting_down
-            || self.rate_until.is_some()
-            || self.pause_until.is_some()
-            || self.backoff_until.is_some()
-        {
-            return false;
-        }
-        match self.def.mode {
-            Mode::Wait => self.wait_children.len() < self.def.instances as usize,
-            Mode::Nowait => {
-                self.running < self.def.max_instances || self.def.overflow == Overflow::Close
-            }
-        }
-    }
-
-    pub(crate) fn at_capacity(&self) -> bool {
-        self.running >= self.def.max_instances
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Timer {
     /// Something of service `id` may be due: back-off end, rate resume, accept pause, rebind.
     Service(u64),
     /// The shutdown grace period is over.
     Shutdown,
+    /// A control or metrics client's deadline (its token).
+    Client(usize),
     /// A nowait child may have run for its service's `max_duration` (SIGTERM), or for the
     /// grace period after that (SIGKILL). `started` tells it from a later child with the
     /// same pid.
@@ -135,6 +79,13 @@ pub struct Daemon<S: Source> {
     pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
     pub(crate) devnull: OwnedFd,
     pub(crate) shutdown_deadline: Option<Instant>,
+    /// Counters of services a reload removed, kept for their names: a counter never goes
+    /// backwards, even across a remove and re-add.
+    pub(crate) retired: HashMap<String, Box<Counters>>,
+    /// When this superserver started, for `status`.
+    pub(crate) started: std::time::SystemTime,
+    /// The control socket, the metrics endpoint and their clients.
+    pub(crate) control: crate::control::Control,
 }
 
 impl<S: Source> Daemon<S> {
@@ -183,6 +134,9 @@ impl<S: Source> Daemon<S> {
             timers: BinaryHeap::new(),
             devnull,
             shutdown_deadline: None,
+            retired: HashMap::new(),
+            started: std::time::SystemTime::now(),
+            control: crate::control::Control::default(),
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
@@ -213,6 +167,7 @@ impl<S: Source> Daemon<S> {
         for i in 0..daemon.services.len() {
             daemon.rearm(i);
         }
+        daemon.control = Control::open(&daemon.global, daemon.poll.registry());
         give_back_heap();
         Ok(daemon)
     }
@@ -220,6 +175,7 @@ impl<S: Source> Daemon<S> {
     pub(crate) fn new_svc(&mut self, def: Service, template: Template) -> Svc {
         let id = self.next_id;
         self.next_id += 1;
+        let name = def.name.clone();
         let bucket = def
             .rate
             .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
@@ -252,6 +208,8 @@ impl<S: Source> Daemon<S> {
             pause_until: None,
             holding: false,
             bind_retry: None,
+            counters: self.retired.remove(&name).unwrap_or_default(),
+            last_exit: None,
         }
     }
 
@@ -290,6 +248,8 @@ impl<S: Source> Daemon<S> {
                             self.on_signal(sig);
                         }
                     }
+                    CONTROL | METRICS => self.control_accept(event.token()),
+                    token if Control::is_client(token) => self.control_client(token),
                     token => self.on_readable(token),
                 }
             }
@@ -306,7 +266,9 @@ impl<S: Source> Daemon<S> {
     pub(crate) fn on_signal(&mut self, sig: i32) {
         match sig {
             SIGCHLD => self.reap(),
-            SIGHUP => self.reload(),
+            SIGHUP => {
+                self.reload();
+            }
             SIGTERM | SIGINT => self.shutdown(sig),
             _ => {}
         }
@@ -359,6 +321,7 @@ impl<S: Source> Daemon<S> {
             self.timers.pop();
             match timer {
                 Timer::Shutdown => self.kill_remaining(),
+                Timer::Client(token) => self.client_deadline(token),
                 Timer::Overrun { pid, started, kill } => self.overrun(pid, started, kill, now),
                 Timer::Service(id) => {
                     if let Some(i) = self.find(id) {
@@ -436,6 +399,7 @@ impl<S: Source> Daemon<S> {
             bucket.has_token(now)
         };
         if !ok {
+            svc.counters.rate_limited += 1;
             let at = bucket.next_token_at(now);
             svc.rate_until = Some(at);
             match svc.rate_episode.as_deref_mut() {
@@ -464,6 +428,20 @@ impl<S: Source> Daemon<S> {
     // ---------------------------------------------------------------- reaping
 
     pub(crate) fn on_exit(&mut self, exit: Exit) {
+        if let Some(i) = self.find(exit.child.svc_id) {
+            let svc = &mut self.services[i];
+            match exit.status {
+                Ok(0) => svc.counters.exits_ok += 1,
+                Ok(_) => svc.counters.exits_failed += 1,
+                Err(_) => svc.counters.exits_signaled += 1,
+            }
+            svc.last_exit = Some(Box::new(crate::state::LastExit {
+                pid: exit.pid,
+                status: exit.status,
+                at: std::time::SystemTime::now(),
+                ran: exit.runtime,
+            }));
+        }
         match &exit.child.kind {
             Kind::Connection { peer, source } => {
                 let (peer, source) = (peer.clone(), *source);

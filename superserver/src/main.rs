@@ -2,11 +2,14 @@
 
 mod children;
 mod cli;
+mod control;
+mod ctl;
 mod daemon;
 mod filter;
 mod import;
 mod limits;
 mod logging;
+mod metrics;
 mod notify;
 mod nowait;
 mod plan;
@@ -16,6 +19,7 @@ mod reload;
 mod sockets;
 mod source;
 mod spawn;
+mod state;
 mod wait;
 
 use std::process::ExitCode;
@@ -31,6 +35,8 @@ enum Failure {
     Config(String),
     Startup(String),
     Usage(String),
+    /// A control command: its own exit code, its message already printed.
+    Control(u8),
 }
 
 fn main() -> ExitCode {
@@ -55,10 +61,17 @@ fn main() -> ExitCode {
             eprintln!("{e}");
             ExitCode::from(2)
         }
+        Err(Failure::Control(code)) => ExitCode::from(code),
     }
 }
 
 fn run(args: cli::Args) -> Result<(), Failure> {
+    match args.command {
+        Some(cli::Command::Status(a)) => return ctl::status(a).map_err(Failure::Control),
+        Some(cli::Command::Reload(a)) => return ctl::reload(a).map_err(Failure::Control),
+        Some(cli::Command::Stop(a)) => return ctl::stop(a).map_err(Failure::Control),
+        _ => {}
+    }
     if let Some(cli::Command::Import(import)) = args.command {
         let request = import::Request {
             from: import.from,

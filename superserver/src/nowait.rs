@@ -72,14 +72,17 @@ impl<S: Source> Daemon<S> {
         peer: Option<SocketAddr>,
     ) {
         let svc = &mut self.services[i];
+        svc.counters.accepted += 1;
         let peer_str = peer_label(peer, svc.def.log_peer);
         let refusal = if let Some(p) = peer
             && !svc.def.access.is_empty()
             && !svc.def.access.permits(p.ip())
         {
+            svc.counters.refused_deny += 1;
             Some("denied by allow/deny".to_string())
         } else if svc.at_capacity() {
             // Only reachable with overflow = "close".
+            svc.counters.refused_overflow += 1;
             Some(format!("max_instances ({}) reached", svc.def.max_instances))
         } else {
             None
@@ -93,6 +96,7 @@ impl<S: Source> Daemon<S> {
                     source = Some(key);
                     None
                 } else {
+                    svc.counters.refused_per_source += 1;
                     Some(format!("has {} connections (max_per_source)", limit.max))
                 }
             }
@@ -130,6 +134,7 @@ impl<S: Source> Daemon<S> {
             .spawn(fds, &env, listen_pid, self.devnull.as_raw_fd())
         {
             Ok(pid) => {
+                svc.counters.spawned += 1;
                 svc.running += 1;
                 log::debug!("{}: {peer_str} → pid {pid}", svc.def.name);
                 let started = Instant::now();
@@ -153,6 +158,7 @@ impl<S: Source> Daemon<S> {
                 self.children.insert(pid, child);
             }
             Err(e) => {
+                svc.counters.spawn_failures += 1;
                 log::error!(
                     "{}: {peer_str}: cannot start {}: {e}; closed",
                     svc.def.name,

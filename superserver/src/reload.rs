@@ -9,54 +9,63 @@ use mio::Token;
 use superserver_config::{Config, ListenAddr, Mode};
 
 use crate::daemon::*;
+use crate::state::*;
 use crate::limits::TokenBucket;
 use crate::notify;
 use crate::sockets::{self, Pool};
 use crate::spawn::Template;
 
+/// What a reload did: applied as a diff (the names in each group), or rejected with every
+/// error (the running configuration stays).
+pub(crate) enum Reloaded {
+    Applied {
+        kept: Vec<String>,
+        added: Vec<String>,
+        changed: Vec<String>,
+        removed: Vec<String>,
+    },
+    Rejected(Vec<String>),
+}
+
 impl<S: Source> Daemon<S> {
     /// SIGHUP: read the whole file again; apply it as a diff only if all of it is valid.
-    pub(crate) fn reload(&mut self) {
+    pub(crate) fn reload(&mut self) -> Reloaded {
         if self.shutdown_deadline.is_some() {
-            return;
+            return Reloaded::Rejected(vec!["the superserver is stopping".into()]);
         }
         notify::reloading();
         log::info!("reload: reading the configuration");
-        let config = match self.source.load() {
-            Ok(c) => c,
-            Err(errors) => {
-                for e in &errors.0 {
-                    log::error!("reload: {e}");
-                }
-                log::error!(
-                    "reload: {} error(s); keeping the running configuration",
-                    errors.0.len()
-                );
-                notify::ready("reload failed; running the previous configuration");
-                return;
+        let origin = self.source.origin();
+        let loaded = self.source.load().map_err(|errors| {
+            errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>()
+        });
+        let prepared = loaded.and_then(|config| {
+            crate::spawn::prepare_all(&config.services)
+                .map(|templates| (config, templates))
+                .map_err(|errors| errors.iter().map(|e| format!("{origin}: {e}")).collect())
+        });
+        match prepared {
+            Ok((config, templates)) => {
+                let done = self.apply(config, templates);
+                give_back_heap();
+                notify::ready(&format!("serving {} service(s)", self.services.len()));
+                done
             }
-        };
-        let templates = match crate::spawn::prepare_all(&config.services) {
-            Ok(t) => t,
             Err(errors) => {
-                let origin = self.source.origin();
                 for e in &errors {
-                    log::error!("reload: {origin}: {e}");
+                    log::error!("reload: {e}");
                 }
                 log::error!(
                     "reload: {} error(s); keeping the running configuration",
                     errors.len()
                 );
                 notify::ready("reload failed; running the previous configuration");
-                return;
+                Reloaded::Rejected(errors)
             }
-        };
-        self.apply(config, templates);
-        give_back_heap();
-        notify::ready(&format!("serving {} service(s)", self.services.len()));
+        }
     }
 
-    pub(crate) fn apply(&mut self, config: Config, templates: Vec<Template>) {
+    pub(crate) fn apply(&mut self, config: Config, templates: Vec<Template>) -> Reloaded {
         self.global = config.global;
         let mut old: HashMap<String, Svc> = std::mem::take(&mut self.services)
             .into_iter()
@@ -145,6 +154,7 @@ impl<S: Source> Daemon<S> {
                 log::info!("{}: removed; SIGTERM to pid {pid}", svc.def.name);
                 signal_group(pid, libc::SIGTERM);
             }
+            self.retired.insert(svc.def.name.clone(), svc.counters);
             for slot in svc.slots {
                 self.tokens.remove(&slot.token);
                 if let Some(b) = slot.bound {
@@ -187,6 +197,12 @@ impl<S: Source> Daemon<S> {
             removed.len(),
             list_names(&removed)
         );
+        Reloaded::Applied {
+            kept,
+            added,
+            changed,
+            removed,
+        }
     }
 
     /// A nowait listener that no service wants any more: connections the kernel completed on

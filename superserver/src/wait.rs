@@ -56,6 +56,9 @@ impl<S: Source> Daemon<S> {
         let (name, id) = (svc.def.name.clone(), svc.id);
         match result {
             Ok(pid) => {
+                let counters = &mut self.services[i].counters;
+                counters.activations += 1;
+                counters.spawned += 1;
                 log::info!("{name}: started pid {pid} with {nfds} socket(s) ({fdnames})");
                 self.children.insert(
                     pid,
@@ -71,6 +74,9 @@ impl<S: Source> Daemon<S> {
             }
             Err(e) => {
                 let what = svc.template.what();
+                let counters = &mut self.services[i].counters;
+                counters.activations += 1;
+                counters.spawn_failures += 1;
                 let backoff = self.failed_activation(i);
                 log::error!("{name}: cannot start {what}: {e}; {backoff}");
             }

@@ -1,0 +1,636 @@
+//! The control socket and the metrics endpoint: `superserver status|reload|stop` ask the
+//! running superserver over a Unix stream socket, Prometheus scrapes `/metrics` over TCP. Both
+//! are served by the event loop and bounded: a request is one short line, every client has a
+//! deadline and a cap on what it may send, answers are written without blocking, and at most
+//! [`MAX_CLIENTS`] are served at once, so no client can stall the loop or the others.
+//!
+//! The protocol, version 1: the client sends one line `superserver/1 COMMAND [ARG…]` and reads
+//! one JSON document (then the connection closes). Commands: `status [SERVICE…]`, `reload`,
+//! `stop [GRACE]`. Every answer has `"version": 1` and `"ok"`; a refusal has `"error"`.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::unix::SourceFd;
+use mio::{Interest, Registry, Token};
+use serde_json::{Value, json};
+use socket2::{Domain, Socket, Type};
+use superserver_config::{ListenAddr, Mode, UnixSocketOptions};
+
+use crate::children;
+use crate::daemon::{Daemon, Source, Timer};
+use crate::reload::Reloaded;
+use crate::sockets::{self, Bound};
+use crate::state::{Counters, State, Svc};
+
+pub(crate) const CONTROL: Token = Token(usize::MAX);
+pub(crate) const METRICS: Token = Token(usize::MAX - 1);
+/// Client tokens count up from here, far above the services' tokens.
+const CLIENT_BASE: usize = usize::MAX / 2;
+pub(crate) const MAX_CLIENTS: usize = 32;
+/// A request longer than this is refused.
+const MAX_REQUEST: usize = 4096;
+/// A client has this long to send its request and take its answer.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const PROTOCOL: &str = "superserver/1";
+
+/// The default control socket: `/run/superserver/control` for root,
+/// `$XDG_RUNTIME_DIR/superserver/control` otherwise (`None` without `XDG_RUNTIME_DIR`).
+pub(crate) fn default_path() -> Option<PathBuf> {
+    if nix::unistd::geteuid().is_root() {
+        return Some(PathBuf::from("/run/superserver/control"));
+    }
+    let runtime = std::env::var_os("XDG_RUNTIME_DIR")?;
+    Some(Path::new(&runtime).join("superserver/control"))
+}
+
+/// Who is on the other end of a control connection (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    pid: i32,
+    uid: u32,
+    gid: u32,
+}
+
+enum Kind {
+    Control(Peer),
+    Metrics,
+}
+
+struct Client {
+    socket: Socket,
+    kind: Kind,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    written: usize,
+    /// The answer is ready: only writing is left.
+    answered: bool,
+}
+
+/// The control and metrics listeners and their clients.
+#[derive(Default)]
+pub(crate) struct Control {
+    socket: Option<Bound>,
+    metrics: Option<Socket>,
+    clients: HashMap<Token, Client>,
+    next: usize,
+    /// `control_group`: members may read `status`.
+    group: Option<u32>,
+}
+
+impl Control {
+    /// Open the control socket and the metrics listener as configured. Neither is fatal: a
+    /// control path a live superserver holds, or a metrics address in use, is logged once and
+    /// the superserver serves without it.
+    pub(crate) fn open(global: &superserver_config::Global, registry: &Registry) -> Control {
+        let mut control = Control {
+            group: global.control_group,
+            ..Control::default()
+        };
+        let path = match &global.control {
+            superserver_config::Control::Off => None,
+            superserver_config::Control::Path(p) => Some(p.clone()),
+            superserver_config::Control::Default => {
+                let p = default_path();
+                if p.is_none() {
+                    log::info!("control: no XDG_RUNTIME_DIR, so no control socket");
+                }
+                if let Some(dir) = p.as_deref().and_then(Path::parent) {
+                    // The default directory is ours to make; a path given in the file is not.
+                    let mode = if nix::unistd::geteuid().is_root() { 0o755 } else { 0o700 };
+                    let _ = std::fs::DirBuilder::new().mode_compat(mode).create(dir);
+                }
+                p
+            }
+        };
+        if let Some(path) = path {
+            let opts = UnixSocketOptions {
+                mode: Some(if control.group.is_some() { 0o660 } else { 0o600 }),
+                uid: None,
+                gid: control.group,
+            };
+            match sockets::bind(&ListenAddr::Unix(path.clone()), 64, &opts) {
+                Ok(bound) => {
+                    let registered = bound.socket.set_nonblocking(true).and_then(|()| {
+                        registry.register(&mut SourceFd(&bound.fd()), CONTROL, Interest::READABLE)
+                    });
+                    match registered {
+                        Ok(()) => {
+                            log::info!("control: listening on {}", path.display());
+                            control.socket = Some(bound);
+                        }
+                        Err(e) => log::error!("control: {}: {e}", path.display()),
+                    }
+                }
+                Err(e) => log::warn!(
+                    "control: {e}; running without a control socket (give this superserver a \
+                     path of its own with [superserver] control = \"PATH\")"
+                ),
+            }
+        }
+        if let Some(addr) = global.metrics {
+            match listen_tcp(addr).and_then(|s| {
+                registry
+                    .register(&mut SourceFd(&s.as_raw_fd()), METRICS, Interest::READABLE)
+                    .map(|()| s)
+            }) {
+                Ok(s) => {
+                    log::info!("metrics: serving http://{addr}/metrics");
+                    control.metrics = Some(s);
+                }
+                Err(e) => log::warn!("metrics: cannot listen on {addr}: {e}; no metrics"),
+            }
+        }
+        control
+    }
+
+    pub(crate) fn is_client(token: Token) -> bool {
+        token.0 >= CLIENT_BASE && token != CONTROL && token != METRICS
+    }
+}
+
+/// `DirBuilder` with a mode, without pulling the Unix extension trait into every caller.
+trait ModeCompat {
+    fn mode_compat(&mut self, mode: u32) -> &mut Self;
+}
+
+impl ModeCompat for std::fs::DirBuilder {
+    fn mode_compat(&mut self, mode: u32) -> &mut Self {
+        use std::os::unix::fs::DirBuilderExt;
+        self.mode(mode)
+    }
+}
+
+fn listen_tcp(addr: SocketAddr) -> io::Result<Socket> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.bind(&addr.into())?;
+    s.listen(64)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+fn peer_of(fd: RawFd) -> io::Result<Peer> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt(2) SO_PEERCRED into a ucred of the given length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Peer {
+        pid: cred.pid,
+        uid: cred.uid,
+        gid: cred.gid,
+    })
+}
+
+/// Is the process `pid` (primary group `gid`) a member of `group`? Supplementary groups come
+/// from `/proc/PID/status`.
+fn in_group(pid: i32, gid: u32, group: u32) -> bool {
+    if gid == group {
+        return true;
+    }
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().any(|x| x.parse() == Ok(group)))
+        })
+        .unwrap_or(false)
+}
+
+impl<S: Source> Daemon<S> {
+    /// The control or metrics listener is readable: take the new clients.
+    pub(crate) fn control_accept(&mut self, token: Token) {
+        loop {
+            let listener = if token == CONTROL {
+                self.control.socket.as_ref().map(|b| &b.socket)
+            } else {
+                self.control.metrics.as_ref()
+            };
+            let Some(listener) = listener else { return };
+            let socket = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return, // WouldBlock, or out of descriptors: try at the next event
+            };
+            if socket.set_nonblocking(true).is_err() {
+                continue;
+            }
+            let kind = if token == CONTROL {
+                match peer_of(socket.as_raw_fd()) {
+                    Ok(p) => Kind::Control(p),
+                    Err(_) => continue,
+                }
+            } else {
+                Kind::Metrics
+            };
+            if self.control.clients.len() >= MAX_CLIENTS {
+                // Best effort, never blocking: a short refusal, then close.
+                let refusal = match kind {
+                    Kind::Control(_) => answer_error("busy: too many control clients; retry"),
+                    Kind::Metrics => b"HTTP/1.0 503 Service Unavailable\r\n\r\n".to_vec(),
+                };
+                let _ = (&socket).write(&refusal);
+                log::warn!("control: {MAX_CLIENTS} clients already; one refused");
+                continue;
+            }
+            let t = Token(CLIENT_BASE + self.control.next);
+            self.control.next = (self.control.next + 1) % (CLIENT_BASE - 2);
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&socket.as_raw_fd()), t, Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            self.control.clients.insert(
+                t,
+                Client {
+                    socket,
+                    kind,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    written: 0,
+                    answered: false,
+                },
+            );
+            self.add_timer(Instant::now() + CLIENT_DEADLINE, Timer::Client(t.0));
+        }
+    }
+
+    /// A client is readable or writable: read its request, answer, write the answer.
+    pub(crate) fn control_client(&mut self, token: Token) {
+        let Some(client) = self.control.clients.get_mut(&token) else {
+            return;
+        };
+        if !client.answered {
+            let mut buf = [0u8; 1024];
+            loop {
+                match (&client.socket).read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        client.input.extend_from_slice(&buf[..n]);
+                        if client.input.len() > MAX_REQUEST {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        self.drop_client(token);
+                        return;
+                    }
+                }
+            }
+            let complete = match client.kind {
+                Kind::Control(_) => client.input.contains(&b'\n'),
+                Kind::Metrics => client.input.windows(4).any(|w| w == b"\r\n\r\n"),
+            };
+            if !complete && client.input.len() <= MAX_REQUEST {
+                return; // more to come, within the deadline
+            }
+            let answer = if client.input.len() > MAX_REQUEST {
+                answer_error("request too long")
+            } else {
+                let input = std::mem::take(&mut client.input);
+                match client.kind {
+                    Kind::Control(peer) => self.control_request(peer, &input),
+                    Kind::Metrics => self.metrics_answer(&input),
+                }
+            };
+            let Some(client) = self.control.clients.get_mut(&token) else {
+                return;
+            };
+            client.output = answer;
+            client.answered = true;
+        }
+        self.write_client(token);
+    }
+
+    fn write_client(&mut self, token: Token) {
+        let Some(client) = self.control.clients.get_mut(&token) else {
+            return;
+        };
+        while client.written < client.output.len() {
+            match (&client.socket).write(&client.output[client.written..]) {
+                Ok(n) => client.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // Wait for room, within the same deadline.
+                    let fd = client.socket.as_raw_fd();
+                    let _ = self.poll.registry().reregister(
+                        &mut SourceFd(&fd),
+                        token,
+                        Interest::WRITABLE,
+                    );
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        self.drop_client(token);
+    }
+
+    pub(crate) fn drop_client(&mut self, token: Token) {
+        if let Some(client) = self.control.clients.remove(&token) {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&client.socket.as_raw_fd()));
+        }
+    }
+
+    /// A client's deadline passed: whatever it did not finish, it is closed.
+    pub(crate) fn client_deadline(&mut self, token: usize) {
+        if self.control.clients.contains_key(&Token(token)) {
+            log::debug!("control: a client took too long; closed");
+            self.drop_client(Token(token));
+        }
+    }
+
+    /// One request line from a control client: check who asks, then do it.
+    fn control_request(&mut self, peer: Peer, input: &[u8]) -> Vec<u8> {
+        let line = String::from_utf8_lossy(input);
+        let line = line.lines().next().unwrap_or("").trim();
+        let mut words = line.split_whitespace();
+        if words.next() != Some(PROTOCOL) {
+            return answer_error(&format!(
+                "not a {PROTOCOL} request (the first word must be {PROTOCOL})"
+            ));
+        }
+        let command = words.next().unwrap_or("");
+        let args: Vec<&str> = words.collect();
+        let me = nix::unistd::geteuid().as_raw();
+        let may_steer = peer.uid == 0 || peer.uid == me;
+        let may_read = may_steer
+            || self
+                .control
+                .group
+                .is_some_and(|g| in_group(peer.pid, peer.gid, g));
+        let allowed = match command {
+            "status" => may_read,
+            _ => may_steer,
+        };
+        if !allowed {
+            log::warn!(
+                "control: uid {} (pid {}) may not {command:?}; refused",
+                peer.uid,
+                peer.pid
+            );
+            return answer_error(&format!(
+                "permission denied: uid {} may not {command} (root and uid {me} may steer{})",
+                peer.uid,
+                if self.control.group.is_some() {
+                    "; members of control_group may read status"
+                } else {
+                    ""
+                }
+            ));
+        }
+        match command {
+            "status" => {
+                let unknown: Vec<&&str> = args
+                    .iter()
+                    .filter(|a| !self.services.iter().any(|s| s.def.name == ***a))
+                    .collect();
+                if !unknown.is_empty() {
+                    return answer_error(&format!("no such service: {unknown:?}"));
+                }
+                to_line(&self.status_json(&args))
+            }
+            "reload" => {
+                log::info!("control: reload asked by uid {} (pid {})", peer.uid, peer.pid);
+                match self.reload() {
+                    Reloaded::Applied {
+                        kept,
+                        added,
+                        changed,
+                        removed,
+                    } => to_line(&json!({
+                        "version": 1, "ok": true, "applied": true,
+                        "kept": kept, "added": added, "changed": changed, "removed": removed,
+                    })),
+                    Reloaded::Rejected(errors) => to_line(&json!({
+                        "version": 1, "ok": false, "applied": false, "errors": errors,
+                        "error": format!("{} error(s); the running configuration stays", errors.len()),
+                    })),
+                }
+            }
+            "stop" => {
+                if let Some(g) = args.first() {
+                    match humantime::parse_duration(g) {
+                        Ok(d) if d <= superserver_config::MAX_SHUTDOWN_GRACE => {
+                            self.global.shutdown_grace = d
+                        }
+                        _ => return answer_error(&format!("bad grace {g:?}: write e.g. 5s")),
+                    }
+                }
+                log::info!("control: stop asked by uid {} (pid {})", peer.uid, peer.pid);
+                let grace = self.global.shutdown_grace;
+                let children = self.children.len();
+                self.shutdown(libc::SIGTERM);
+                to_line(&json!({
+                    "version": 1, "ok": true, "stopping": true,
+                    "children": children, "grace_s": grace.as_secs_f64(),
+                }))
+            }
+            other => answer_error(&format!(
+                "unknown command {other:?}; commands: status [SERVICE…], reload, stop [GRACE]"
+            )),
+        }
+    }
+
+    /// The status document: every service (or the ones named), its state and why, its
+    /// processes, sockets, last exit and counters.
+    pub(crate) fn status_json(&self, only: &[&str]) -> Value {
+        let now = Instant::now();
+        let wall = SystemTime::now();
+        let stopping = self.shutdown_deadline.is_some();
+        let services: Vec<Value> = self
+            .services
+            .iter()
+            .filter(|s| only.is_empty() || only.contains(&s.def.name.as_str()))
+            .map(|s| service_json(s, now, wall, stopping, &self.children))
+            .collect();
+        json!({
+            "version": 1,
+            "ok": true,
+            "pid": std::process::id(),
+            "uptime_s": wall.duration_since(self.started).unwrap_or_default().as_secs(),
+            "stopping": stopping,
+            "services": services,
+        })
+    }
+
+    /// `GET /metrics`: the counters and states in Prometheus' text format.
+    fn metrics_answer(&self, input: &[u8]) -> Vec<u8> {
+        let first = input.split(|&b| b == b'\n').next().unwrap_or(b"");
+        let first = String::from_utf8_lossy(first);
+        let mut parts = first.split_whitespace();
+        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        if method != "GET" || (path != "/metrics" && !path.starts_with("/metrics?")) {
+            return b"HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\n\r\nonly GET /metrics\n"
+                .to_vec();
+        }
+        let body = crate::metrics::render(&self.services, self.shutdown_deadline.is_some());
+        let mut out = format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
+    }
+}
+
+fn to_line(v: &Value) -> Vec<u8> {
+    let mut out = serde_json::to_vec(v).unwrap_or_default();
+    out.push(b'\n');
+    out
+}
+
+pub(crate) fn answer_error(message: &str) -> Vec<u8> {
+    to_line(&json!({"version": 1, "ok": false, "error": message}))
+}
+
+fn service_json(
+    s: &Svc,
+    now: Instant,
+    wall: SystemTime,
+    stopping: bool,
+    children: &children::Children,
+) -> Value {
+    let state = s.state(stopping);
+    let until = |t: Instant| t.saturating_duration_since(now).as_secs_f64();
+    let why = match &state {
+        State::Stopping => "the superserver is stopping".to_string(),
+        State::BackingOff { until: t, failures } => format!(
+            "failed {failures} time(s) in a row; next start in {}",
+            children::human(t.saturating_duration_since(now))
+        ),
+        State::RateSuspended { until: t } => format!(
+            "rate limit reached; watching its sockets again in {}",
+            children::human(t.saturating_duration_since(now))
+        ),
+        State::Paused { until: t } => format!(
+            "accept failed (out of descriptors?); again in {}",
+            children::human(t.saturating_duration_since(now))
+        ),
+        State::Held => format!(
+            "at max_instances ({}): new clients wait in the backlog",
+            s.def.max_instances
+        ),
+        State::Running => match s.def.mode {
+            Mode::Wait => "its process holds the sockets".to_string(),
+            Mode::Nowait => "serving connections".to_string(),
+        },
+        State::Listening => "waiting for a connection".to_string(),
+    };
+    let until_s = match state {
+        State::BackingOff { until: t, .. } | State::RateSuspended { until: t } => Some(until(t)),
+        State::Paused { until: t } => Some(until(t)),
+        _ => None,
+    };
+    let pids: Vec<i32> = match s.def.mode {
+        Mode::Wait => s.wait_children.clone(),
+        Mode::Nowait => children.pids_of(s.id),
+    };
+    let listeners: Vec<Value> = s
+        .slots
+        .iter()
+        .zip(&s.def.listen)
+        .map(|(slot, l)| {
+            json!({
+                "address": l.addr.to_string(),
+                "name": l.name,
+                "bound": slot.bound.is_some(),
+                "queue": slot.bound.as_ref().and_then(|b| accept_queue(b)),
+            })
+        })
+        .collect();
+    let last_exit = s.last_exit.as_ref().map(|e| {
+        json!({
+            "pid": e.pid,
+            "code": e.status.ok(),
+            "signal": e.status.err(),
+            "ago_s": wall.duration_since(e.at).unwrap_or_default().as_secs_f64(),
+            "ran_s": e.ran.as_secs_f64(),
+        })
+    });
+    json!({
+        "name": s.def.name,
+        "mode": match s.def.mode { Mode::Wait => "wait", Mode::Nowait => "nowait" },
+        "state": state.name(),
+        "why": why,
+        "until_s": until_s,
+        "failures": s.failures,
+        "live": s.live(),
+        "cap": s.cap(),
+        "pids": pids,
+        "bind_failing": s.bind_retry.is_some(),
+        "listeners": listeners,
+        "last_exit": last_exit,
+        "counters": counters_json(&s.counters),
+    })
+}
+
+pub(crate) fn counters_json(c: &Counters) -> Value {
+    json!({
+        "accepted": c.accepted,
+        "activations": c.activations,
+        "spawned": c.spawned,
+        "spawn_failures": c.spawn_failures,
+        "exits": { "ok": c.exits_ok, "failed": c.exits_failed, "signaled": c.exits_signaled },
+        "refused": {
+            "deny": c.refused_deny,
+            "per_source": c.refused_per_source,
+            "overflow": c.refused_overflow,
+        },
+        "rate_limited": c.rate_limited,
+    })
+}
+
+/// Connections waiting in a TCP listener's accept queue (`TCP_INFO`'s `tcpi_unacked` on a
+/// listening socket); `None` for other sockets.
+pub(crate) fn accept_queue(b: &Bound) -> Option<u32> {
+    if !matches!(b.addr, ListenAddr::Tcp(_)) {
+        return None;
+    }
+    // SAFETY: getsockopt(2) TCP_INFO into a zeroed tcp_info of the given length.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let r = libc::getsockopt(
+            b.fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        );
+        (r == 0).then_some(info.tcpi_unacked)
+    }
+}

@@ -1,0 +1,210 @@
+//! The client side of the control socket: `superserver status`, `reload` and `stop` send one
+//! request line and print the answer, as a table or as the JSON the superserver wrote.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cli::{ControlArgs, StatusArgs, StopArgs};
+use crate::control::{PROTOCOL, default_path};
+
+/// No superserver answers on the control socket.
+const UNREACHABLE: u8 = 5;
+/// The superserver answered with a refusal or an error.
+const REFUSED: u8 = 1;
+/// A reload was rejected: the running configuration stays.
+const REJECTED: u8 = 3;
+
+fn path(args: &ControlArgs) -> Result<PathBuf, u8> {
+    args.control.clone().or_else(default_path).ok_or_else(|| {
+        eprintln!(
+            "error: no control socket path: XDG_RUNTIME_DIR is not set; give --control PATH"
+        );
+        UNREACHABLE
+    })
+}
+
+/// Send `request` and read the one JSON answer.
+fn ask(args: &ControlArgs, request: &str) -> Result<Value, u8> {
+    let path = path(args)?;
+    let unreachable = |e: std::io::Error| {
+        eprintln!(
+            "error: no superserver answers on {}: {e} (is it running, with a control socket? \
+             see [superserver] control)",
+            path.display()
+        );
+        UNREACHABLE
+    };
+    let mut stream = UnixStream::connect(&path).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(unreachable)?;
+    stream
+        .write_all(format!("{PROTOCOL} {request}\n").as_bytes())
+        .map_err(unreachable)?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(unreachable)?;
+    let answer: Value = serde_json::from_str(&line).map_err(|e| {
+        eprintln!("error: a bad answer from {}: {e}", path.display());
+        UNREACHABLE
+    })?;
+    if answer["ok"] != Value::Bool(true) && answer["applied"].is_null() {
+        eprintln!(
+            "error: {}",
+            answer["error"].as_str().unwrap_or("the superserver refused")
+        );
+        return Err(REFUSED);
+    }
+    Ok(answer)
+}
+
+fn print(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if out.write_all(text.as_bytes()).is_err() {
+        std::process::exit(0);
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<(), u8> {
+    let request = std::iter::once("status")
+        .chain(args.services.iter().map(String::as_str))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let answer = ask(&args.control, &request)?;
+    if args.json {
+        print(&format!("{answer}\n"));
+        return Ok(());
+    }
+    print(&table(&answer, !args.services.is_empty()));
+    Ok(())
+}
+
+/// The status as an aligned table; with `detail`, each service's sockets below it.
+fn table(answer: &Value, detail: bool) -> String {
+    let empty = Vec::new();
+    let services = answer["services"].as_array().unwrap_or(&empty);
+    let mut rows = vec![[
+        "SERVICE", "MODE", "STATE", "LIVE", "ACCEPTED", "SPAWNED", "FAILED", "REFUSED",
+        "LAST EXIT",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for s in services {
+        let c = &s["counters"];
+        let n = |v: &Value| v.as_u64().unwrap_or(0);
+        let accepted = if s["mode"] == "wait" {
+            n(&c["activations"])
+        } else {
+            n(&c["accepted"])
+        };
+        let refused =
+            n(&c["refused"]["deny"]) + n(&c["refused"]["per_source"]) + n(&c["refused"]["overflow"]);
+        let failed = n(&c["spawn_failures"]) + n(&c["exits"]["failed"]) + n(&c["exits"]["signaled"]);
+        let last = match &s["last_exit"] {
+            Value::Null => "-".to_string(),
+            e => {
+                let how = match (e["code"].as_i64(), e["signal"].as_i64()) {
+                    (Some(code), _) => format!("exited {code}"),
+                    (_, Some(sig)) => format!("signal {sig}"),
+                    _ => "?".into(),
+                };
+                format!("{how}, {}s ago", e["ago_s"].as_f64().unwrap_or(0.0).round())
+            }
+        };
+        rows.push(vec![
+            s["name"].as_str().unwrap_or("?").to_string(),
+            s["mode"].as_str().unwrap_or("?").to_string(),
+            s["state"].as_str().unwrap_or("?").to_string(),
+            format!("{}/{}", n(&s["live"]), n(&s["cap"])),
+            accepted.to_string(),
+            n(&c["spawned"]).to_string(),
+            failed.to_string(),
+            refused.to_string(),
+            last,
+        ]);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for (k, r) in rows.iter().enumerate() {
+        let cells: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+        if detail && k > 0 {
+            let s = &services[k - 1];
+            out.push_str(&format!("    {}\n", s["why"].as_str().unwrap_or("")));
+            for l in s["listeners"].as_array().unwrap_or(&empty) {
+                let queue = match l["queue"].as_u64() {
+                    Some(q) => format!(", {q} queued"),
+                    None => String::new(),
+                };
+                let bound = if l["bound"] == Value::Bool(true) {
+                    ""
+                } else {
+                    " (not bound)"
+                };
+                out.push_str(&format!(
+                    "    {} ({}){bound}{queue}\n",
+                    l["address"].as_str().unwrap_or("?"),
+                    l["name"].as_str().unwrap_or("?")
+                ));
+            }
+        }
+    }
+    out
+}
+
+pub fn reload(args: ControlArgs) -> Result<(), u8> {
+    let answer = ask(&args, "reload")?;
+    if answer["applied"] == Value::Bool(true) {
+        let list = |k: &str| {
+            let names: Vec<&str> = answer[k]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            if names.is_empty() {
+                "0".to_string()
+            } else {
+                format!("{} ({})", names.len(), names.join(", "))
+            }
+        };
+        print(&format!(
+            "reloaded: {} kept, {} added, {} changed, {} removed\n",
+            list("kept"),
+            list("added"),
+            list("changed"),
+            list("removed")
+        ));
+        Ok(())
+    } else {
+        for e in answer["errors"].as_array().into_iter().flatten() {
+            eprintln!("{}", e.as_str().unwrap_or("?"));
+        }
+        eprintln!("reload rejected; the running configuration stays");
+        Err(REJECTED)
+    }
+}
+
+pub fn stop(args: StopArgs) -> Result<(), u8> {
+    let request = match &args.grace {
+        Some(g) => format!("stop {g}"),
+        None => "stop".to_string(),
+    };
+    let answer = ask(&args.control, &request)?;
+    print(&format!(
+        "stopping: SIGTERM to {} child(ren), grace {}s\n",
+        answer["children"].as_u64().unwrap_or(0),
+        answer["grace_s"].as_f64().unwrap_or(0.0)
+    ));
+    Ok(())
+}

@@ -1,0 +1,188 @@
+//! A service's run-time state: its sockets, its processes, its limits, and the one decision
+//! whether its sockets are watched ([`Svc::wants_armed`]); what `status` reports is read from
+//! the same fields ([`Svc::state`]), with the counters of what happened to it.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use mio::Token;
+use superserver_config::{Mode, Overflow, Service};
+
+use crate::limits::{self, SourceCounts, TokenBucket};
+use crate::sockets::Bound;
+use crate::spawn::Template;
+
+/// One socket of a service, in the order of `def.listen` (which says what it is for).
+pub(crate) struct Slot {
+    pub(crate) bound: Option<Bound>,
+    pub(crate) token: Token,
+}
+
+/// A service's run-time state.
+pub(crate) struct Svc {
+    /// Unique per instance: children and tokens refer to it.
+    pub(crate) id: u64,
+    pub(crate) def: Service,
+    pub(crate) template: Template,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) armed: bool,
+    /// Wait mode: the processes holding the sockets (at most `instances`).
+    pub(crate) wait_children: Vec<i32>,
+    /// Consecutive failed activations (wait mode), for the back-off.
+    pub(crate) failures: u32,
+    pub(crate) backoff_until: Option<Instant>,
+    /// Nowait: running connection processes.
+    pub(crate) running: u32,
+    /// Only with `max_per_source` (boxed: most services have no limit and should not pay).
+    pub(crate) sources: Option<Box<SourceCounts>>,
+    pub(crate) bucket: Option<Box<TokenBucket>>,
+    pub(crate) rate_until: Option<Instant>,
+    /// A stretch of time during which the rate limit kept suspending the service: when it
+    /// began, the last suspension, and how many there were (logged once at each end).
+    pub(crate) rate_episode: Option<Box<(Instant, Instant, u32)>>,
+    /// Per-connection refusals (allow/deny, max_per_source, overflow = "close"), logged at
+    /// most once a second with a count of the ones not logged.
+    pub(crate) refusals: limits::LogLimiter,
+    pub(crate) pause_until: Option<Instant>,
+    pub(crate) holding: bool,
+    /// Sockets that could not be bound at reload, retried with back-off.
+    pub(crate) bind_retry: Option<(Instant, Duration)>,
+    /// What happened to it since the superserver started (kept across reloads).
+    pub(crate) counters: Box<Counters>,
+    /// How its last process ended.
+    pub(crate) last_exit: Option<Box<LastExit>>,
+}
+
+impl Svc {
+    pub(crate) fn wants_armed(&self, shutting_down: bool) -> bool {
+        if shutting_down
+            || self.rate_until.is_some()
+            || self.pause_until.is_some()
+            || self.backoff_until.is_some()
+        {
+            return false;
+        }
+        match self.def.mode {
+            Mode::Wait => self.wait_children.len() < self.def.instances as usize,
+            Mode::Nowait => {
+                self.running < self.def.max_instances || self.def.overflow == Overflow::Close
+            }
+        }
+    }
+
+    pub(crate) fn at_capacity(&self) -> bool {
+        self.running >= self.def.max_instances
+    }
+}
+
+
+/// What a service is doing, and why, as `status` shows it. The first that applies wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Stopping: the superserver is draining.
+    Stopping,
+    /// A wait-mode service that failed: not started again before `until`.
+    BackingOff { until: Instant, failures: u32 },
+    /// Its `rate` ran out: sockets not watched before `until`.
+    RateSuspended { until: Instant },
+    /// `accept` failed (out of descriptors): paused until `until`.
+    Paused { until: Instant },
+    /// At `max_instances` with `overflow = "hold"`: new clients wait in the backlog.
+    Held,
+    /// Processes running (wait: holding the sockets, and not watched unless more instances
+    /// may start; nowait: serving connections, still accepting).
+    Running,
+    /// Watching its sockets, nothing running.
+    Listening,
+}
+
+impl State {
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            State::Stopping => "stopping",
+            State::BackingOff { .. } => "backing-off",
+            State::RateSuspended { .. } => "rate-suspended",
+            State::Paused { .. } => "paused",
+            State::Held => "held",
+            State::Running => "running",
+            State::Listening => "listening",
+        }
+    }
+}
+
+/// Counts of what happened to a service since the superserver started; never reset by a
+/// reload (a removed service's counters are kept for its name).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Counters {
+    /// nowait: connections accepted (whatever became of them).
+    pub(crate) accepted: u64,
+    /// wait: times the sockets became readable and a process was started for them.
+    pub(crate) activations: u64,
+    pub(crate) spawned: u64,
+    pub(crate) spawn_failures: u64,
+    pub(crate) exits_ok: u64,
+    pub(crate) exits_failed: u64,
+    pub(crate) exits_signaled: u64,
+    pub(crate) refused_deny: u64,
+    pub(crate) refused_per_source: u64,
+    pub(crate) refused_overflow: u64,
+    /// Times a connection (nowait) or an activation (wait) found no token and had to wait.
+    pub(crate) rate_limited: u64,
+}
+
+/// How a service's last process ended.
+#[derive(Debug, Clone)]
+pub(crate) struct LastExit {
+    pub(crate) pid: i32,
+    /// `Ok(code)` or `Err(signal)`.
+    pub(crate) status: Result<i32, i32>,
+    pub(crate) at: SystemTime,
+    pub(crate) ran: Duration,
+}
+
+impl Svc {
+    /// What the service is doing now (see [`State`]).
+    pub(crate) fn state(&self, stopping: bool) -> State {
+        if stopping {
+            return State::Stopping;
+        }
+        if let Some(until) = self.backoff_until {
+            return State::BackingOff {
+                until,
+                failures: self.failures,
+            };
+        }
+        if let Some(until) = self.rate_until {
+            return State::RateSuspended { until };
+        }
+        if let Some(until) = self.pause_until {
+            return State::Paused { until };
+        }
+        if self.def.mode == Mode::Nowait
+            && self.at_capacity()
+            && self.def.overflow == Overflow::Hold
+        {
+            return State::Held;
+        }
+        if self.live() > 0 {
+            State::Running
+        } else {
+            State::Listening
+        }
+    }
+
+    /// Processes running now.
+    pub(crate) fn live(&self) -> u32 {
+        match self.def.mode {
+            Mode::Wait => self.wait_children.len() as u32,
+            Mode::Nowait => self.running,
+        }
+    }
+
+    /// The most processes it may run at once.
+    pub(crate) fn cap(&self) -> u32 {
+        match self.def.mode {
+            Mode::Wait => self.def.instances,
+            Mode::Nowait => self.def.max_instances,
+        }
+    }
+}
