@@ -38,9 +38,13 @@ const MAX_REQUEST: usize = 4096;
 const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
 pub(crate) const PROTOCOL: &str = "superserver/1";
 
-/// The default control socket: `/run/superserver/control` for root,
-/// `$XDG_RUNTIME_DIR/superserver/control` otherwise (`None` without `XDG_RUNTIME_DIR`).
+/// The default control socket: `$SUPERSERVER_CONTROL` when set, else
+/// `/run/superserver/control` for root and `$XDG_RUNTIME_DIR/superserver/control` otherwise
+/// (`None` without `XDG_RUNTIME_DIR`). The `control` key overrides it.
 pub(crate) fn default_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SUPERSERVER_CONTROL").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
     if nix::unistd::geteuid().is_root() {
         return Some(PathBuf::from("/run/superserver/control"));
     }
@@ -99,9 +103,14 @@ impl Control {
                 if p.is_none() {
                     log::info!("control: no XDG_RUNTIME_DIR, so no control socket");
                 }
-                if let Some(dir) = p.as_deref().and_then(Path::parent) {
+                let from_env = std::env::var_os("SUPERSERVER_CONTROL").is_some();
+                if let Some(dir) = p.as_deref().and_then(Path::parent).filter(|_| !from_env) {
                     // The default directory is ours to make; a path given in the file is not.
-                    let mode = if nix::unistd::geteuid().is_root() { 0o755 } else { 0o700 };
+                    let mode = if nix::unistd::geteuid().is_root() {
+                        0o755
+                    } else {
+                        0o700
+                    };
                     let _ = std::fs::DirBuilder::new().mode_compat(mode).create(dir);
                 }
                 p
@@ -109,7 +118,11 @@ impl Control {
         };
         if let Some(path) = path {
             let opts = UnixSocketOptions {
-                mode: Some(if control.group.is_some() { 0o660 } else { 0o600 }),
+                mode: Some(if control.group.is_some() {
+                    0o660
+                } else {
+                    0o600
+                }),
                 uid: None,
                 gid: control.group,
             };
@@ -422,7 +435,11 @@ impl<S: Source> Daemon<S> {
                 to_line(&self.status_json(&args))
             }
             "reload" => {
-                log::info!("control: reload asked by uid {} (pid {})", peer.uid, peer.pid);
+                log::info!(
+                    "control: reload asked by uid {} (pid {})",
+                    peer.uid,
+                    peer.pid
+                );
                 match self.reload() {
                     Reloaded::Applied {
                         kept,
@@ -568,7 +585,7 @@ fn service_json(
                 "address": l.addr.to_string(),
                 "name": l.name,
                 "bound": slot.bound.is_some(),
-                "queue": slot.bound.as_ref().and_then(|b| accept_queue(b)),
+                "queue": slot.bound.as_ref().and_then(accept_queue),
             })
         })
         .collect();

@@ -20,9 +20,7 @@ const REJECTED: u8 = 3;
 
 fn path(args: &ControlArgs) -> Result<PathBuf, u8> {
     args.control.clone().or_else(default_path).ok_or_else(|| {
-        eprintln!(
-            "error: no control socket path: XDG_RUNTIME_DIR is not set; give --control PATH"
-        );
+        eprintln!("error: no control socket path: XDG_RUNTIME_DIR is not set; give --control PATH");
         UNREACHABLE
     })
 }
@@ -38,7 +36,17 @@ fn ask(args: &ControlArgs, request: &str) -> Result<Value, u8> {
         );
         UNREACHABLE
     };
-    let mut stream = UnixStream::connect(&path).map_err(unreachable)?;
+    let mut stream = UnixStream::connect(&path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            eprintln!(
+                "error: permission denied: {} is for root and the superserver's own user (and \
+                 the members of its control_group, if it has one)",
+                path.display()
+            );
+            return REFUSED;
+        }
+        unreachable(e)
+    })?;
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(unreachable)?;
@@ -56,7 +64,9 @@ fn ask(args: &ControlArgs, request: &str) -> Result<Value, u8> {
     if answer["ok"] != Value::Bool(true) && answer["applied"].is_null() {
         eprintln!(
             "error: {}",
-            answer["error"].as_str().unwrap_or("the superserver refused")
+            answer["error"]
+                .as_str()
+                .unwrap_or("the superserver refused")
         );
         return Err(REFUSED);
     }
@@ -88,12 +98,21 @@ pub fn status(args: StatusArgs) -> Result<(), u8> {
 fn table(answer: &Value, detail: bool) -> String {
     let empty = Vec::new();
     let services = answer["services"].as_array().unwrap_or(&empty);
-    let mut rows = vec![[
-        "SERVICE", "MODE", "STATE", "LIVE", "ACCEPTED", "SPAWNED", "FAILED", "REFUSED",
-        "LAST EXIT",
-    ]
-    .map(String::from)
-    .to_vec()];
+    let mut rows = vec![
+        [
+            "SERVICE",
+            "MODE",
+            "STATE",
+            "LIVE",
+            "ACCEPTED",
+            "SPAWNED",
+            "FAILED",
+            "REFUSED",
+            "LAST EXIT",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
     for s in services {
         let c = &s["counters"];
         let n = |v: &Value| v.as_u64().unwrap_or(0);
@@ -102,9 +121,11 @@ fn table(answer: &Value, detail: bool) -> String {
         } else {
             n(&c["accepted"])
         };
-        let refused =
-            n(&c["refused"]["deny"]) + n(&c["refused"]["per_source"]) + n(&c["refused"]["overflow"]);
-        let failed = n(&c["spawn_failures"]) + n(&c["exits"]["failed"]) + n(&c["exits"]["signaled"]);
+        let refused = n(&c["refused"]["deny"])
+            + n(&c["refused"]["per_source"])
+            + n(&c["refused"]["overflow"]);
+        let failed =
+            n(&c["spawn_failures"]) + n(&c["exits"]["failed"]) + n(&c["exits"]["signaled"]);
         let last = match &s["last_exit"] {
             Value::Null => "-".to_string(),
             e => {

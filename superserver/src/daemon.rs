@@ -22,12 +22,12 @@ use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use superserver_config::{Config, ConfigErrors, Global, Listen, Mode, Service};
 
-use crate::state::{Counters, Slot, Svc};
 use crate::children::{self, Children, Exit, Kind};
+use crate::control::{CONTROL, Control, METRICS};
 use crate::limits::{self, TokenBucket};
 use crate::sockets::{self, Pool};
 use crate::spawn::Template;
-use crate::control::{CONTROL, Control, METRICS};
+use crate::state::{Counters, Slot, Svc};
 use crate::{filter, logging, notify, plan};
 
 pub(crate) const SIGNALS: Token = Token(0);

@@ -55,11 +55,9 @@ pub fn render(services: &[Svc], stopping: bool) -> String {
             "Times a wait-mode service's sockets became readable and a process was started.",
             |c| c.activations,
         ),
-        counter(
-            "superserver_spawned_total",
-            "Processes started.",
-            |c| c.spawned,
-        ),
+        counter("superserver_spawned_total", "Processes started.", |c| {
+            c.spawned
+        }),
         counter(
             "superserver_spawn_failures_total",
             "Processes that could not be started.",
@@ -131,8 +129,10 @@ pub fn render(services: &[Svc], stopping: bool) -> String {
             Mode::Wait => "wait",
             Mode::Nowait => "nowait",
         };
-        live.samples.push((format!("{},mode=\"{mode}\"", svc(s)), s.live() as f64));
-        cap.samples.push((format!("{},mode=\"{mode}\"", svc(s)), s.cap() as f64));
+        live.samples
+            .push((format!("{},mode=\"{mode}\"", svc(s)), s.live() as f64));
+        cap.samples
+            .push((format!("{},mode=\"{mode}\"", svc(s)), s.cap() as f64));
         state.samples.push((
             format!("{},state=\"{}\"", svc(s), s.state(stopping).name()),
             1.0,

@@ -9,11 +9,11 @@ use mio::Token;
 use superserver_config::{Config, ListenAddr, Mode};
 
 use crate::daemon::*;
-use crate::state::*;
 use crate::limits::TokenBucket;
 use crate::notify;
 use crate::sockets::{self, Pool};
 use crate::spawn::Template;
+use crate::state::*;
 
 /// What a reload did: applied as a diff (the names in each group), or rejected with every
 /// error (the running configuration stays).
@@ -36,9 +36,10 @@ impl<S: Source> Daemon<S> {
         notify::reloading();
         log::info!("reload: reading the configuration");
         let origin = self.source.origin();
-        let loaded = self.source.load().map_err(|errors| {
-            errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>()
-        });
+        let loaded = self
+            .source
+            .load()
+            .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>());
         let prepared = loaded.and_then(|config| {
             crate::spawn::prepare_all(&config.services)
                 .map(|templates| (config, templates))

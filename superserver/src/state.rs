@@ -74,7 +74,6 @@ impl Svc {
     }
 }
 
-
 /// What a service is doing, and why, as `status` shows it. The first that applies wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum State {

@@ -45,7 +45,10 @@ fn private_checkout(owner: u32) -> (tempfile::TempDir, PathBuf) {
 fn in_netns(script: &str) -> (Option<i32>, String, String) {
     let out = Command::new("unshare")
         .args(["--net", "--", "sh", "-c"])
-        .arg(format!("ip link set lo up\n{script}"))
+        // The control socket in the test's own place, never the host's /run/superserver.
+        .arg(format!(
+            "ip link set lo up\nexport SUPERSERVER_CONTROL=\"$(mktemp -u /tmp/superserver-test-ctl.XXXXXX)\"\n{script}"
+        ))
         .output()
         .unwrap();
     (

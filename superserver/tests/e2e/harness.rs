@@ -150,6 +150,8 @@ impl Server {
             .env_remove("LISTEN_PID")
             .env_remove("LISTEN_FDNAMES")
             .env("RUST_LOG", "debug")
+            // Never the host's /run/superserver: each test's own control socket.
+            .env("SUPERSERVER_CONTROL", dir.path().join("ctl"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

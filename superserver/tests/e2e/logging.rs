@@ -59,6 +59,7 @@ fn a_stalled_log_reader_never_stalls_the_services_and_drops_are_reported() {
         .arg(superserver_bin())
         .arg("--config")
         .arg(&config)
+        .env("SUPERSERVER_CONTROL", dir.path().join("ctl"))
         .env("LISTEN_FDS", "1")
         .env_remove("LISTEN_FDNAMES")
         .env_remove("JOURNAL_STREAM")

@@ -3,6 +3,7 @@
 mod harness;
 
 mod cli;
+mod control;
 mod first_run;
 mod import;
 mod inetd_host;

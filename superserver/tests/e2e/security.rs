@@ -588,6 +588,7 @@ fn children_get_default_signal_dispositions() {
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "info")
+        .env("SUPERSERVER_CONTROL", dir.path().join("ctl"))
         .env_remove("LISTEN_FDS")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -257,6 +257,11 @@ fn sockets_are_adopted_from_systemd_socket_activate() {
             "--fdname=echo",
             "-E",
             "RUST_LOG=info",
+            "-E",
+            &format!(
+                "SUPERSERVER_CONTROL={}",
+                path.with_extension("ctl").display()
+            ),
         ])
         .arg(superserver_bin())
         .arg("--config")
