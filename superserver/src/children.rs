@@ -72,13 +72,13 @@ impl Children {
         self.map.insert(pid, child);
     }
 
-    /// Pids of the children a service instance started, in no particular order.
-    pub fn pids_of(&self, svc_id: u64) -> Vec<i32> {
-        self.map
-            .iter()
-            .filter(|(_, c)| c.svc_id == svc_id)
-            .map(|(&pid, _)| pid)
-            .collect()
+    /// Pids of the running children, by the service instance that started them.
+    pub fn pids_by_service(&self) -> HashMap<u64, Vec<i32>> {
+        let mut by: HashMap<u64, Vec<i32>> = HashMap::new();
+        for (&pid, c) in &self.map {
+            by.entry(c.svc_id).or_default().push(pid);
+        }
+        by
     }
 
     pub fn get(&self, pid: i32) -> Option<&Child> {
