@@ -28,12 +28,13 @@ for r in recs:
     if "row" in r:
         by[(r["row"], r["test"])].append(r)
 
-NOWAIT = ["superserver-nowait", "xinetd-nowait", "oinetd-nowait", "tcpserver", "ssa-accept"]
+NOWAIT = ["superserver-nowait", "superserver-ctl", "xinetd-nowait", "oinetd-nowait", "tcpserver", "ssa-accept"]
 WAIT = ["superserver-wait", "ssa-wait", "xinetd-wait", "oinetd-wait", "direct", "epoll-echo"]
 BUILTIN = ["superserver-default", "xinetd-internal", "oinetd-internal"]
 BUILTIN_PEERS = ["xinetd-internal", "oinetd-internal"]
 DESC = {
     "superserver-nowait": ("superserver", "nowait", "echo-static"),
+    "superserver-ctl": ("superserver + control socket + metrics", "nowait", "echo-static"),
     "xinetd-nowait": ("xinetd", "nowait", "echo-static"),
     "oinetd-nowait": ("openbsd-inetd", "nowait", "echo-static"),
     "tcpserver": ("tcpserver -H -R -l 0", "per-conn", "echo-static"),
@@ -208,6 +209,8 @@ ss32 = cps("superserver-nowait", "c32")
 for peer, thr in (("xinetd-nowait", 1.3), ("tcpserver", 1.05)):
     r, n = paired_ratio(ss32, cps(peer, "c32"))
     trow(f"nowait C=32 conn/s: superserver ÷ {peer}", r, f"≥ {thr}×", verdict(r, thr))
+r, _ = paired_ratio(cps("superserver-ctl", "c32"), ss32)
+trow("nowait C=32 conn/s: with the control socket and metrics listening ÷ without", r, "≥ 0.98×", verdict(r, 0.98))
 spawn_fork = per_rep("spawn-ceiling-fork", "spawn", lambda d: d["spawns_per_s"])
 spawn_ps = per_rep("spawn-ceiling-spawn", "spawn", lambda d: d["spawns_per_s"])
 r, _ = paired_ratio(ss32, spawn_fork)
