@@ -16,6 +16,9 @@ use crate::import::Format;
 /// Signals: SIGHUP reloads the config (applied as a diff, sockets kept); SIGTERM or SIGINT
 /// stop listening, send SIGTERM to every service and wait up to shutdown_grace.
 ///
+/// A running superserver answers `superserver status`, `reload` and `stop` on its control
+/// socket (/run/superserver/control for root, $XDG_RUNTIME_DIR/superserver/control otherwise).
+///
 /// Exit codes: 0 stopped cleanly (or --check passed); 1 runtime failure; 2 bad usage;
 /// 3 invalid configuration; 4 a socket could not be bound or an inherited socket does not
 /// fit the configuration.
