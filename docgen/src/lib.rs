@@ -112,10 +112,26 @@ fn render(cmd: &Command, root: &str, version: &str, out: &mut Vec<u8>) -> io::Re
     if cmd.get_subcommands().any(|s| !s.is_hide_set()) {
         man.render_subcommands_section(out)?;
     }
-    if cmd.get_after_long_help().or(cmd.get_after_help()).is_some() {
-        man.render_extra_section(out)?;
+    // The long after-help is laid out by hand (lists, aligned columns): keep its lines.
+    if let Some(text) = cmd.get_after_long_help() {
+        out.extend_from_slice(b".SH DETAILS\n.nf\n");
+        for line in text.to_string().lines() {
+            out.extend_from_slice(roff_line(line).as_bytes());
+            out.push(b'\n');
+        }
+        out.extend_from_slice(b".fi\n");
     }
     Ok(())
+}
+
+/// One line of text for no-fill mode: escapes and no control character at its start.
+fn roff_line(line: &str) -> String {
+    let escaped = line.replace('\\', "\\e").replace('-', "\\-");
+    if escaped.starts_with('.') || escaped.starts_with('\'') {
+        format!("\\&{escaped}")
+    } else {
+        escaped
+    }
 }
 
 fn write(dir: &Path, name: &str, page: &[u8]) -> io::Result<PathBuf> {
