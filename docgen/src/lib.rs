@@ -6,8 +6,8 @@
 //!
 //! * `PROGRAM --generate-man DIR`: write `DIR/PROGRAM.8` and `DIR/PROGRAM-SUBCOMMAND.8` for each
 //!   subcommand, print their paths, exit 0.
-//! * `PROGRAM --completions SHELL`: print the completion script for SHELL (bash, zsh, fish,
-//!   elvish, powershell) on stdout, exit 0.
+//! * `PROGRAM --completions SHELL`: print the completion script for SHELL (bash or zsh) on
+//!   stdout, exit 0.
 //!
 //! The Debian package (`packaging/build-deb`) runs both on the binaries it packages. The output
 //! holds no date, so it is the same on every build of the same source.
@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Command, CommandFactory};
-use clap_complete::Shell;
+use clap_complete::Generator;
+use clap_complete::shells::{Bash, Zsh};
 use clap_mangen::Man;
 
 /// The hidden flag that writes the man pages.
@@ -47,14 +48,18 @@ pub fn run_if_asked<C: CommandFactory>() -> Option<ExitCode> {
             }
         }
     } else if flag == COMPLETIONS {
-        let Some(shell) = value.to_str().and_then(|s| s.parse::<Shell>().ok()) else {
-            eprintln!("{COMPLETIONS}: unknown shell {value:?} (bash, zsh, fish, elvish, powershell)");
-            return Some(ExitCode::from(2));
+        // Only the shells packaged: each generator linked in costs every binary its size.
+        let shell: &dyn Fn(&mut Command, &mut Vec<u8>) = match value.to_str() {
+            Some("bash") => &|cmd, out| complete(Bash, cmd, out),
+            Some("zsh") => &|cmd, out| complete(Zsh, cmd, out),
+            _ => {
+                eprintln!("{COMPLETIONS}: unknown shell {value:?} (bash or zsh)");
+                return Some(ExitCode::from(2));
+            }
         };
         let mut cmd = C::command();
-        let name = cmd.get_name().to_string();
         let mut script = Vec::new();
-        clap_complete::generate(shell, &mut cmd, name, &mut script);
+        shell(&mut cmd, &mut script);
         // A reader that went away (`| head`) is not an error worth a panic.
         let _ = io::stdout().write_all(&script);
         ExitCode::SUCCESS
@@ -62,6 +67,11 @@ pub fn run_if_asked<C: CommandFactory>() -> Option<ExitCode> {
         return None;
     };
     Some(code)
+}
+
+fn complete(shell: impl Generator, cmd: &mut Command, out: &mut Vec<u8>) {
+    let name = cmd.get_name().to_string();
+    clap_complete::generate(shell, cmd, name, out);
 }
 
 /// Write the man page of `cmd` and one per visible subcommand into `dir` (section 8: both
