@@ -81,6 +81,11 @@ impl Children {
         by
     }
 
+    /// Every running child.
+    pub fn iter(&self) -> impl Iterator<Item = (i32, &Child)> {
+        self.map.iter().map(|(&pid, c)| (pid, c))
+    }
+
     pub fn get(&self, pid: i32) -> Option<&Child> {
         self.map.get(&pid)
     }

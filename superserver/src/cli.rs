@@ -40,6 +40,11 @@ pub struct Args {
     #[allow(clippy::option_option)]
     pub check: Option<Option<PathBuf>>,
 
+    /// With --check: also read the state a running superserver would hand over in an
+    /// in-place upgrade (JSON on stdin). Used by `superserver upgrade`'s pre-flight.
+    #[arg(long, hide = true, requires = "check")]
+    pub upgrade_check: bool,
+
     /// Print the embedded default configuration and exit.
     #[arg(long)]
     pub print_default: bool,
@@ -67,6 +72,22 @@ pub enum Command {
     /// Stop the running superserver: close the listeners, SIGTERM every service, wait up to
     /// the grace period. Exit codes: 0 stopping; 1 refused; 5 no superserver answers.
     Stop(StopArgs),
+    /// Upgrade the running superserver in place: it runs the new binary's pre-flight (the
+    /// configuration and the state it would inherit), then re-executes it in the same process:
+    /// every socket stays open (no connection refused), every child stays its child. Without
+    /// --binary, the binary now at the running one's path. Exit codes: 0 upgraded; 1 refused
+    /// or the pre-flight said no (the old binary keeps serving); 5 no superserver answers.
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct UpgradeArgs {
+    /// The new binary (absolute path).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 /// Where the running superserver's control socket is.

@@ -470,6 +470,16 @@ impl<S: Source> Daemon<S> {
                     })),
                 }
             }
+            "upgrade" => {
+                let binary = args.first().map(PathBuf::from);
+                log::info!(
+                    "control: upgrade asked by uid {} (pid {})",
+                    peer.uid,
+                    peer.pid
+                );
+                self.pending_upgrade = Some(binary);
+                to_line(&json!({"version": 1, "ok": true, "preflight": "pending"}))
+            }
             "stop" => {
                 if let Some(g) = args.first() {
                     match humantime::parse_duration(g) {
@@ -489,7 +499,8 @@ impl<S: Source> Daemon<S> {
                 }))
             }
             other => answer_error(&format!(
-                "unknown command {other:?}; commands: status [SERVICE…], reload, stop [GRACE]"
+                "unknown command {other:?}; commands: status [SERVICE…], reload, stop [GRACE], \
+                 upgrade [BINARY]"
             )),
         }
     }
@@ -511,6 +522,8 @@ impl<S: Source> Daemon<S> {
         StatusDoc {
             version: 1,
             ok: true,
+            upgrades: self.upgrades,
+            last_upgrade_error: self.last_upgrade_error.as_deref(),
             pid: std::process::id(),
             uptime_s: wall
                 .duration_since(self.started)
@@ -558,6 +571,10 @@ pub(crate) fn answer_error(message: &str) -> Vec<u8> {
 pub(crate) struct StatusDoc<'a> {
     version: u32,
     ok: bool,
+    /// In-place upgrades this process has been through.
+    upgrades: u32,
+    /// Why the last upgrade attempt failed, if it did.
+    last_upgrade_error: Option<&'a str>,
     pid: u32,
     uptime_s: u64,
     stopping: bool,

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cli::{ControlArgs, StatusArgs, StopArgs};
+use crate::cli::{ControlArgs, StatusArgs, StopArgs, UpgradeArgs};
 use crate::control::{PROTOCOL, default_path};
 
 /// No superserver answers on the control socket.
@@ -228,4 +228,52 @@ pub fn stop(args: StopArgs) -> Result<(), u8> {
         answer["grace_s"].as_f64().unwrap_or(0.0)
     ));
     Ok(())
+}
+
+pub fn upgrade(args: UpgradeArgs) -> Result<(), u8> {
+    let before = ask(&args.control, "status")?;
+    let (pid, upgrades) = (
+        before["pid"].clone(),
+        before["upgrades"].as_u64().unwrap_or(0),
+    );
+    let request = match &args.binary {
+        Some(b) => format!("upgrade {}", b.display()),
+        None => "upgrade".to_string(),
+    };
+    ask(&args.control, &request)?;
+    // The pre-flight takes up to 2 s, the exec a moment; then the new image answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(now) = quiet_status(&args.control) else {
+            continue; // between the images
+        };
+        if now["upgrades"].as_u64().unwrap_or(0) > upgrades {
+            print(&format!(
+                "upgraded in place: pid {} (unchanged: {}), upgrade #{}\n",
+                now["pid"],
+                now["pid"] == pid,
+                now["upgrades"]
+            ));
+            return Ok(());
+        }
+        if let Some(e) = now["last_upgrade_error"].as_str() {
+            eprintln!("error: {e}");
+            eprintln!("not upgraded; the running binary keeps serving");
+            return Err(REFUSED);
+        }
+    }
+    eprintln!("error: no answer from the upgraded superserver within 10 s");
+    Err(UNREACHABLE)
+}
+
+/// `status` without printing anything on failure (the socket may be between two images).
+fn quiet_status(args: &ControlArgs) -> std::io::Result<Value> {
+    let path = path(args).map_err(|_| std::io::Error::other("no path"))?;
+    let mut stream = UnixStream::connect(&path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(format!("{PROTOCOL} status\n").as_bytes())?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(std::io::Error::other)
 }

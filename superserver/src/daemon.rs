@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
 use superserver_config::{Config, ConfigErrors, Global, Listen, Mode, Service};
 
@@ -86,6 +86,12 @@ pub struct Daemon<S: Source> {
     pub(crate) started: std::time::SystemTime,
     /// The control socket, the metrics endpoint and their clients.
     pub(crate) control: crate::control::Control,
+    /// In-place upgrades this process has been through.
+    pub(crate) upgrades: u32,
+    /// An upgrade asked for on the control socket, done once its answer is written.
+    pub(crate) pending_upgrade: Option<Option<std::path::PathBuf>>,
+    /// Why the last upgrade attempt failed (shown by `status`).
+    pub(crate) last_upgrade_error: Option<String>,
 }
 
 impl<S: Source> Daemon<S> {
@@ -97,10 +103,14 @@ impl<S: Source> Daemon<S> {
         templates: Vec<Template>,
         source: S,
         inherited: Vec<(String, RawFd, OwnedFd)>,
+        saved: Option<crate::upgrade::Saved>,
     ) -> Result<Daemon<S>, StartError> {
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
-        let mut signals = Signals::new([SIGCHLD, SIGHUP, SIGTERM, SIGINT])
+        let mut signals = Signals::new([SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGUSR2])
             .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
+        // After an in-place upgrade every signal arrives blocked: what came during the exec is
+        // delivered now that the handlers are in place.
+        crate::upgrade::unblock_signals();
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| StartError(format!("cannot poll signals: {e}")))?;
@@ -119,6 +129,18 @@ impl<S: Source> Daemon<S> {
             .flat_map(|s| s.listen.iter().cloned())
             .collect();
         pool.adopt(inherited, &wanted).map_err(StartError)?;
+        // The sockets an upgraded image kept open, by what the old image knew of them. One the
+        // configuration no longer has is closed (and its file removed), not an error.
+        let mut kept = Pool::default();
+        for s in saved.iter().flat_map(|s| &s.sockets) {
+            let Ok(addr) = superserver_config::parse_listen_addr(&s.addr) else {
+                continue;
+            };
+            // SAFETY: the old image left this descriptor open for us; nothing else owns it.
+            let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s.fd) };
+            let owned = s.owned.as_ref().map(|(p, d, i)| (p.clone(), (*d, *i)));
+            kept.put(sockets::Bound::restore(addr, fd, owned, s.nonblocking));
+        }
 
         let mut daemon = Daemon {
             poll,
@@ -137,13 +159,16 @@ impl<S: Source> Daemon<S> {
             retired: HashMap::new(),
             started: std::time::SystemTime::now(),
             control: crate::control::Control::default(),
+            upgrades: 0,
+            pending_upgrade: None,
+            last_upgrade_error: None,
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
             let mut svc = daemon.new_svc(def, template);
             for i in 0..svc.slots.len() {
                 let listen = svc.def.listen[i].clone();
-                let bound = match pool.take(&listen) {
+                let bound = match pool.take(&listen).or_else(|| kept.take(&listen)) {
                     Some(b) => b,
                     None => sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
                         .map_err(|e| StartError(format!("{}: {e}", svc.def.name)))?,
@@ -168,6 +193,9 @@ impl<S: Source> Daemon<S> {
             daemon.rearm(i);
         }
         daemon.control = Control::open(&daemon.global, daemon.poll.registry());
+        if let Some(saved) = saved {
+            daemon.restore(saved);
+        }
         give_back_heap();
         Ok(daemon)
     }
@@ -254,6 +282,13 @@ impl<S: Source> Daemon<S> {
                 }
             }
             self.fire_timers();
+            if let Some(binary) = self.pending_upgrade.take() {
+                self.last_upgrade_error = None;
+                if let Err(e) = self.upgrade(binary) {
+                    log::error!("upgrade: {e}; still serving with this binary");
+                    self.last_upgrade_error = Some(e);
+                }
+            }
             logging::flush();
             if self.shutdown_deadline.is_some() && self.children.is_empty() {
                 log::info!("all children have exited; bye");
@@ -270,6 +305,8 @@ impl<S: Source> Daemon<S> {
                 self.reload();
             }
             SIGTERM | SIGINT => self.shutdown(sig),
+            // The binary now at our path, in place; the reason is logged if it cannot be.
+            SIGUSR2 => self.pending_upgrade = Some(None),
             _ => {}
         }
     }

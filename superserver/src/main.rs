@@ -20,6 +20,7 @@ mod sockets;
 mod source;
 mod spawn;
 mod state;
+mod upgrade;
 mod wait;
 
 use std::process::ExitCode;
@@ -73,6 +74,7 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         Some(cli::Command::Status(a)) => return ctl::status(a).map_err(Failure::Control),
         Some(cli::Command::Reload(a)) => return ctl::reload(a).map_err(Failure::Control),
         Some(cli::Command::Stop(a)) => return ctl::stop(a).map_err(Failure::Control),
+        Some(cli::Command::Upgrade(a)) => return ctl::upgrade(a).map_err(Failure::Control),
         _ => {}
     }
     if let Some(cli::Command::Import(import)) = args.command {
@@ -97,6 +99,9 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         let source = ConfigSource::new(path, args.config_dir);
         let config = source.load_reported().map_err(Failure::Config)?;
         spawn::prepare_all(&config.services).map_err(|e| templates_failed(&source, e))?;
+        if args.upgrade_check {
+            upgrade::check_stdin().map_err(Failure::Config)?;
+        }
         let (busy, notes) = preflight::check_addresses(&config);
         if !busy.is_empty() {
             return Err(templates_failed(&source, busy));
@@ -123,9 +128,26 @@ fn run(args: cli::Args) -> Result<(), Failure> {
     let templates =
         spawn::prepare_all(&config.services).map_err(|e| templates_failed(&source, e))?;
     let inherited = source::inherited_sockets().map_err(Failure::Startup)?;
+    // The new image of an in-place upgrade: the old one's state (its sockets are open here).
+    let saved = match upgrade::take_saved() {
+        Some(Ok(saved)) => {
+            log::info!(
+                "upgrade: this is the new binary ({}), carrying on {} socket(s) and {} child(ren)",
+                upgrade::current_binary().unwrap_or_default().display(),
+                saved.sockets.len(),
+                saved.children.len()
+            );
+            Some(saved)
+        }
+        Some(Err(e)) => {
+            log::error!("{e}; starting afresh");
+            None
+        }
+        None => None,
+    };
     let try_line = plan::try_line(&config);
-    let mut daemon =
-        Daemon::start(config, templates, source, inherited).map_err(|e| Failure::Startup(e.0))?;
+    let mut daemon = Daemon::start(config, templates, source, inherited, saved)
+        .map_err(|e| Failure::Startup(e.0))?;
     for line in daemon.describe() {
         log::info!("listening: {line}");
     }

@@ -33,6 +33,32 @@ impl Bound {
         self.socket.as_raw_fd()
     }
 
+    /// The Unix socket file this process created (path, device and inode), if any.
+    pub fn owned(&self) -> Option<(&Path, (u64, u64))> {
+        self.owned_path.as_ref().map(|(p, id)| (p.as_path(), *id))
+    }
+
+    /// The blocking mode this process last set, if any.
+    pub fn nonblocking_state(&self) -> Option<bool> {
+        self.nonblocking
+    }
+
+    /// A socket carried over an in-place upgrade (see `upgrade.rs`), with what the old image
+    /// knew of it.
+    pub fn restore(
+        addr: ListenAddr,
+        fd: OwnedFd,
+        owned: Option<(PathBuf, (u64, u64))>,
+        nonblocking: Option<bool>,
+    ) -> Bound {
+        Bound {
+            addr,
+            socket: Socket::from(fd),
+            owned_path: owned,
+            nonblocking,
+        }
+    }
+
     /// Whether this process made the socket non-blocking (a nowait listener).
     pub fn is_nonblocking(&self) -> bool {
         self.nonblocking == Some(true)

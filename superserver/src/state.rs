@@ -110,7 +110,7 @@ impl State {
 
 /// Counts of what happened to a service since the superserver started; never reset by a
 /// reload (a removed service's counters are kept for its name).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Counters {
     /// nowait: connections accepted (whatever became of them).
     pub(crate) accepted: u64,

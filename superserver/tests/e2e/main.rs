@@ -12,4 +12,5 @@ mod nowait;
 mod reload;
 mod security;
 mod sockets;
+mod upgrade;
 mod wait_mode;
