@@ -34,6 +34,21 @@ impl TokenBucket {
         self.last = now;
     }
 
+    /// The tokens in the bucket now (for an in-place upgrade).
+    pub fn tokens(&mut self, now: Instant) -> f64 {
+        self.refill(now);
+        self.tokens
+    }
+
+    /// A bucket holding `tokens` (what an upgraded image inherits), at most full.
+    pub fn with_tokens(rate: Rate, tokens: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            tokens: tokens.clamp(0.0, f64::from(rate.count)),
+            last: now,
+        }
+    }
+
     /// Take one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         self.refill(now);

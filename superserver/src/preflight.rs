@@ -58,8 +58,11 @@ pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
 /// A holder that is a superserver or systemd, or a service one of them started with the
 /// socket (a running wait-mode service holds it too).
 fn friendly(h: &(i32, String), all: &[(i32, String)]) -> bool {
+    // The superserver that runs this check (an upgrade's pre-flight), whatever its binary is
+    // called, and what it started.
+    let parent = nix::unistd::getppid().as_raw();
     let is = |comm: &str| FRIENDLY.contains(&comm);
-    if is(&h.1) {
+    if is(&h.1) || h.0 == parent {
         return true;
     }
     let ppid = std::fs::read_to_string(format!("/proc/{}/stat", h.0))
@@ -69,7 +72,9 @@ fn friendly(h: &(i32, String), all: &[(i32, String)]) -> bool {
             let rest = &stat[stat.rfind(')')? + 1..];
             rest.split_whitespace().nth(1)?.parse::<i32>().ok()
         });
-    ppid.is_some_and(|pp| pp == 1 || all.iter().any(|(pid, comm)| *pid == pp && is(comm)))
+    ppid.is_some_and(|pp| {
+        pp == 1 || pp == parent || all.iter().any(|(pid, comm)| *pid == pp && is(comm))
+    })
 }
 
 fn list(holders: &[(i32, String)]) -> String {

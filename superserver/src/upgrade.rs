@@ -60,6 +60,14 @@ pub struct SavedService {
     pub failures: u32,
     pub wait_children: Vec<i32>,
     pub last_exit: Option<(i32, Result<i32, i32>, u64, u64)>,
+    /// The rate's bucket: tokens left, and the rate they were counted for.
+    #[serde(default)]
+    pub tokens: Option<(f64, u32, u64)>,
+    /// Time left of a back-off or a rate suspension, in milliseconds.
+    #[serde(default)]
+    pub backoff_ms: Option<u64>,
+    #[serde(default)]
+    pub rate_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,10 +131,17 @@ pub fn current_binary() -> Result<PathBuf, String> {
 
 impl<S: Source> Daemon<S> {
     /// The state to carry over.
-    fn save(&self) -> Saved {
+    fn save(&mut self) -> Saved {
+        let now = Instant::now();
+        let left =
+            |t: Option<Instant>| t.map(|t| t.saturating_duration_since(now).as_millis() as u64);
         let mut sockets = Vec::new();
         let mut services = Vec::new();
-        for svc in &self.services {
+        for svc in &mut self.services {
+            let tokens = match (svc.bucket.as_mut(), svc.def.rate) {
+                (Some(b), Some(r)) => Some((b.tokens(now), r.count, r.per.as_millis() as u64)),
+                _ => None,
+            };
             for slot in &svc.slots {
                 if let Some(b) = &slot.bound {
                     sockets.push(SavedSocket {
@@ -146,6 +161,9 @@ impl<S: Source> Daemon<S> {
                     .last_exit
                     .as_ref()
                     .map(|e| (e.pid, e.status, unix_ms(e.at), e.ran.as_millis() as u64)),
+                tokens,
+                backoff_ms: left(svc.backoff_until),
+                rate_ms: left(svc.rate_until),
             });
         }
         let children = self
@@ -201,6 +219,30 @@ impl<S: Source> Daemon<S> {
                 self.retired.insert(s.name, Box::new(s.counters));
                 continue;
             };
+            let now = Instant::now();
+            let svc = &mut self.services[i];
+            if let (Some((tokens, count, per_ms)), Some(rate)) = (s.tokens, svc.def.rate)
+                && rate.count == count
+                && rate.per.as_millis() as u64 == per_ms
+            {
+                svc.bucket = Some(Box::new(crate::limits::TokenBucket::with_tokens(
+                    rate, tokens, now,
+                )));
+            }
+            let id = svc.id;
+            if let Some(ms) = s.backoff_ms {
+                let at = now + Duration::from_millis(ms);
+                svc.backoff_until = Some(at);
+                self.timers
+                    .push(std::cmp::Reverse((at, crate::daemon::Timer::Service(id))));
+            }
+            let svc = &mut self.services[i];
+            if let Some(ms) = s.rate_ms {
+                let at = now + Duration::from_millis(ms);
+                svc.rate_until = Some(at);
+                self.timers
+                    .push(std::cmp::Reverse((at, crate::daemon::Timer::Service(id))));
+            }
             let svc = &mut self.services[i];
             *svc.counters = s.counters;
             svc.failures = s.failures;

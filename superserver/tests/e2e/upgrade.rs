@@ -207,3 +207,107 @@ fn sigusr2_upgrades_to_the_binary_at_the_same_path() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Upgrades in a row, alternating two builds, while 64 nowait sessions opened before the first
+/// one stay open, a source sits at its `max_per_source`, and clients keep using a nowait
+/// service, a wait-mode TCP echo and a wait-mode UDP echo: nothing refused or unanswered, each
+/// session reaped and logged exactly once, the limit still enforced, counters never backwards.
+#[test]
+fn upgrades_in_a_row_keep_sessions_limits_and_every_client() {
+    let (n, nowait_addr) = tcp_listener("127.0.0.1");
+    let (s, sess_addr) = tcp_listener("127.0.0.1");
+    let (w, wait_addr) = tcp_listener("127.0.0.1");
+    let (u, udp_addr) = udp_socket("127.0.0.1");
+    let config = format!(
+        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\n\
+         [service.quick]\nmode = \"nowait\"\nexec = [\"/bin/echo\", \"q\"]\nlisten = \"{nowait_addr}\"\n\
+         [service.sess]\nmode = \"nowait\"\nmax_per_source = 64\nmax_instances = 100\nexec = [\"/bin/cat\"]\nlisten = \"{sess_addr}\"\n\
+         [service.echo]\nexec = [\"{{SMALL}}\", \"--idle-timeout=60s\"]\nlisten = {{ echo = [\"tcp://{wait_addr}\", \"udp://{udp_addr}\"] }}\n"
+    );
+    let server = Server::start(&config, vec![n, s, w, u]);
+    let control = server.dir.path().join("ctl");
+    let sessions: Vec<TcpStream> = (0..64)
+        .map(|_| connect_from("127.0.0.5", sess_addr).unwrap())
+        .collect();
+    server.wait_log_n("sess: 127.0.0.5:", 64);
+    let builds = [server.dir.path().join("a"), server.dir.path().join("b")];
+    for b in &builds {
+        std::fs::copy(superserver_bin(), b).unwrap();
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for k in 0..3 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let good = match k {
+                    0 => read_line(nowait_addr)
+                        .map(|(l, _)| l.trim() == "q")
+                        .unwrap_or(false),
+                    1 => echo(wait_addr, "t").map(|l| l == "t").unwrap_or(false),
+                    _ => {
+                        let c = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                        c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+                        c.send_to(b"u", udp_addr).unwrap();
+                        let mut buf = [0u8; 8];
+                        matches!(c.recv(&mut buf), Ok(1))
+                    }
+                };
+                if good {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    wait_until("load", || ok.load(Ordering::Relaxed) > 30);
+    let rounds = 12;
+    let mut last_accepted = 0;
+    for round in 0..rounds {
+        let t0 = Instant::now();
+        let out = ctl(
+            &["upgrade", "--binary", builds[round % 2].to_str().unwrap()],
+            &control,
+        );
+        assert_eq!(out.status.code(), Some(0), "round {round}: {out:?}");
+        // The limit holds right after: the 65th session from the same source is refused.
+        let extra = connect_from("127.0.0.5", sess_addr).unwrap();
+        assert_eq!(
+            line_of(&extra).unwrap(),
+            "",
+            "round {round}: max_per_source"
+        );
+        let st = status(&control);
+        assert_eq!(st["upgrades"], round as u64 + 1);
+        let quick = st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == "quick")
+            .unwrap();
+        let accepted = quick["counters"]["accepted"].as_u64().unwrap();
+        assert!(accepted >= last_accepted, "counters never go backwards");
+        last_accepted = accepted;
+        std::thread::sleep(Duration::from_millis(250).saturating_sub(t0.elapsed()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "failed during {rounds} upgrades"
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+    drop(sessions);
+    wait_until("64 sessions reaped", || {
+        server.count_log("sess: 127.0.0.5:") >= 64 + 64
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let ends = server.count_log("sess: 127.0.0.5:") - 64 - rounds;
+    assert_eq!(ends, 64, "each session's end logged exactly once");
+    assert!(server.zombie_children().is_empty());
+}
