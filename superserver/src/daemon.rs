@@ -170,8 +170,12 @@ impl<S: Source> Daemon<S> {
                 let listen = svc.def.listen[i].clone();
                 let bound = match pool.take(&listen).or_else(|| kept.take(&listen)) {
                     Some(b) => b,
-                    None => sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
-                        .map_err(|e| StartError(format!("{}: {e}", svc.def.name)))?,
+                    None => {
+                        let b = sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
+                            .map_err(|e| StartError(format!("{}: {e}", svc.def.name)))?;
+                        store(&b);
+                        b
+                    }
                 };
                 svc.slots[i].bound = Some(bound);
             }
@@ -542,6 +546,13 @@ impl<S: Source> Daemon<S> {
         for exit in self.children.reap(true, true) {
             self.on_exit(exit);
         }
+    }
+}
+
+/// Keep a socket we bound in systemd's fd store (see [`notify::store_fd`]).
+pub(crate) fn store(b: &sockets::Bound) {
+    if let Some(name) = sockets::store_name(&b.addr) {
+        notify::store_fd(std::os::fd::AsFd::as_fd(&b.socket), &name);
     }
 }
 

@@ -25,3 +25,26 @@ pub fn reloading() {
 pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
+
+/// Keep a listening socket we bound in systemd's file-descriptor store (the unit's
+/// `FileDescriptorStoreMax=`), under a name that says its address: after a crash or a
+/// `systemctl restart`, systemd hands it back and the connections queued on it are not lost.
+/// A no-op without `NOTIFY_SOCKET`.
+pub fn store_fd(fd: std::os::fd::BorrowedFd<'_>, name: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) =
+        sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd])
+    {
+        log::debug!("sd_notify FDSTORE {name}: {e}");
+    }
+}
+
+/// Drop a socket no service wants any more from systemd's store.
+pub fn unstore_fd(name: &str) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    send(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+}

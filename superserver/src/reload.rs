@@ -181,7 +181,13 @@ impl<S: Source> Daemon<S> {
             self.services.push(svc);
         }
         let retiring = pool.take_retiring();
-        drop(pool.drain()); // closes what nobody took (and removes our Unix socket files)
+        // Closes what nobody took (and removes our Unix socket files), and takes it out of
+        // systemd's fd store.
+        for gone in pool.drain().iter().chain(&retiring) {
+            if let Some(name) = sockets::store_name(&gone.addr) {
+                notify::unstore_fd(&name);
+            }
+        }
         for i in 0..self.services.len() {
             self.rearm(i);
         }
@@ -267,6 +273,7 @@ impl<S: Source> Daemon<S> {
                 None => match pool.bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket) {
                     Ok(b) => {
                         log::info!("{}: listening on {}", svc.def.name, listen.addr);
+                        store(&b);
                         Some(b)
                     }
                     Err(e) => {

@@ -89,6 +89,21 @@ impl Drop for Bound {
     }
 }
 
+/// The name a socket we bound gets in systemd's file-descriptor store: `@` and its address
+/// with `|` for `:` (fd names may not hold a colon). `None` when the address has characters an
+/// fd name may not hold.
+pub fn store_name(addr: &ListenAddr) -> Option<String> {
+    let text = addr.to_string().replace(':', "|");
+    let ok = text.len() < 255 && text.bytes().all(|b| (0x21..0x7f).contains(&b));
+    ok.then(|| format!("@{text}"))
+}
+
+/// The address a store name says, if it is one of ours.
+fn from_store_name(name: &str) -> Option<ListenAddr> {
+    let text = name.strip_prefix('@')?.replace('|', ":");
+    superserver_config::parse_listen_addr(&text).ok()
+}
+
 /// Device and inode of `path` itself (never following a symlink), for a socket file.
 fn file_id(path: &Path) -> io::Result<(u64, u64)> {
     let m = std::fs::symlink_metadata(path)?;
@@ -618,7 +633,18 @@ impl Pool {
         let mut unmatched = Vec::new();
         for (name, number, fd) in inherited {
             let socket = Socket::from(fd);
-            let addr = address_of(&socket)
+            let bound_to = address_of(&socket);
+            // One of ours, back from systemd's store: its name says its address (a Unix
+            // socket bound through a private directory reports another path).
+            let addr = match (from_store_name(&name), &bound_to) {
+                (Some(said), Ok(Some(real)))
+                    if std::mem::discriminant(&said) == std::mem::discriminant(real) =>
+                {
+                    Ok(Some(said))
+                }
+                _ => bound_to,
+            };
+            let addr = addr
                 .map_err(|e| format!("inherited fd {number} ({name:?}): {e}"))?
                 .ok_or_else(|| {
                     format!(
