@@ -102,7 +102,7 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         if args.upgrade_check {
             upgrade::check_stdin().map_err(Failure::Config)?;
         }
-        let (busy, notes) = preflight::check_addresses(&config);
+        let (busy, notes) = preflight::check_addresses(&config, args.upgrade_check);
         if !busy.is_empty() {
             return Err(templates_failed(&source, busy));
         }

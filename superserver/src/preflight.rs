@@ -16,7 +16,10 @@ const FRIENDLY: &[&str] = &["superserver", "systemd"];
 
 /// Try every TCP and UDP address of `config`. Returns (errors, notes), one line each, with
 /// the service's key first.
-pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
+///
+/// `upgrading`: this check is an upgrade's pre-flight, run by the superserver that holds the
+/// addresses (whatever its binary is called): it and its children are friendly too.
+pub fn check_addresses(config: &Config, upgrading: bool) -> (Vec<String>, Vec<String>) {
     let mut errors = Vec::new();
     let mut notes = Vec::new();
     for svc in config.services.iter().filter(|s| s.enabled) {
@@ -39,7 +42,7 @@ pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
                     "{key}: in use, by a process this check cannot see (fine if it is systemd \
                      or a running superserver; run --check as root to see which)"
                 ));
-            } else if holders.iter().all(|h| friendly(h, &holders)) {
+            } else if holders.iter().all(|h| friendly(h, &holders, upgrading)) {
                 notes.push(format!(
                     "{key}: held by {} (fine: kept or passed on)",
                     list(&holders)
@@ -57,10 +60,14 @@ pub fn check_addresses(config: &Config) -> (Vec<String>, Vec<String>) {
 
 /// A holder that is a superserver or systemd, or a service one of them started with the
 /// socket (a running wait-mode service holds it too).
-fn friendly(h: &(i32, String), all: &[(i32, String)]) -> bool {
+fn friendly(h: &(i32, String), all: &[(i32, String)], upgrading: bool) -> bool {
     // The superserver that runs this check (an upgrade's pre-flight), whatever its binary is
     // called, and what it started.
-    let parent = nix::unistd::getppid().as_raw();
+    let parent = if upgrading {
+        nix::unistd::getppid().as_raw()
+    } else {
+        -1
+    };
     let is = |comm: &str| FRIENDLY.contains(&comm);
     if is(&h.1) || h.0 == parent {
         return true;
