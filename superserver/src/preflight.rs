@@ -4,7 +4,7 @@
 //! passes it on through socket activation) is fine and said so, as is a holder this process
 //! cannot see (not root, or in a sandbox without access to other processes' descriptors).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, SockAddr, Socket, Type};
@@ -17,11 +17,14 @@ const FRIENDLY: &[&str] = &["superserver", "systemd"];
 /// Try every TCP and UDP address of `config`. Returns (errors, notes), one line each, with
 /// the service's key first.
 ///
-/// `upgrading`: this check is an upgrade's pre-flight, run by the superserver that holds the
-/// addresses (whatever its binary is called): it and its children are friendly too.
+/// `upgrading`: the check runs for the superserver that holds the addresses (whatever its
+/// binary is called), which with its children is then friendly too.
 pub fn check_addresses(config: &Config, upgrading: bool) -> (Vec<String>, Vec<String>) {
     let mut errors = Vec::new();
     let mut notes = Vec::new();
+    // First the binds; who holds the busy addresses is looked up once for all of them (a
+    // table of a thousand services held by a running superserver is the usual case).
+    let mut busy = Vec::new();
     for svc in config.services.iter().filter(|s| s.enabled) {
         for listen in &svc.listen {
             let (sa, ty) = match &listen.addr {
@@ -35,24 +38,31 @@ pub fn check_addresses(config: &Config, upgrading: bool) -> (Vec<String>, Vec<St
                 errors.push(format!("{key}: cannot be bound: {e}"));
                 continue;
             }
-            let holders = holders(sa, ty == Type::STREAM);
-            if holders.is_empty() {
-                // Not visible from here (not root, or sandboxed): not a certain failure.
-                notes.push(format!(
-                    "{key}: in use, by a process this check cannot see (fine if it is systemd \
-                     or a running superserver; run --check as root to see which)"
-                ));
-            } else if holders.iter().all(|h| friendly(h, &holders, upgrading)) {
-                notes.push(format!(
-                    "{key}: held by {} (fine: kept or passed on)",
-                    list(&holders)
-                ));
-            } else {
-                errors.push(format!(
-                    "{key}: in use by {}; stop it or choose another address",
-                    list(&holders)
-                ));
-            }
+            busy.push((key, sa, ty == Type::STREAM));
+        }
+    }
+    if busy.is_empty() {
+        return (errors, notes);
+    }
+    let index = Holders::read();
+    for (key, sa, tcp) in busy {
+        let holders = index.of(sa, tcp);
+        if holders.is_empty() {
+            // Not visible from here (not root, or sandboxed): not a certain failure.
+            notes.push(format!(
+                "{key}: in use, by a process this check cannot see (fine if it is systemd \
+                 or a running superserver; run --check as root to see which)"
+            ));
+        } else if holders.iter().all(|h| friendly(h, &holders, upgrading)) {
+            notes.push(format!(
+                "{key}: held by {} (fine: kept or passed on)",
+                list(&holders)
+            ));
+        } else {
+            errors.push(format!(
+                "{key}: in use by {}; stop it or choose another address",
+                list(&holders)
+            ));
         }
     }
     (errors, notes)
@@ -104,62 +114,97 @@ fn try_bind(sa: SocketAddr, ty: Type) -> std::io::Result<()> {
     s.bind(&SockAddr::from(sa))
 }
 
-/// Processes holding a socket that conflicts with `sa` (same port; the same IP or either a
-/// wildcard), from `/proc/net` and `/proc/*/fd` (complete only when run as root).
-fn holders(sa: SocketAddr, tcp: bool) -> Vec<(i32, String)> {
-    let files: &[&str] = match (tcp, sa.is_ipv4()) {
-        (true, true) => &["/proc/net/tcp"],
-        (true, false) => &["/proc/net/tcp6"],
-        (false, true) => &["/proc/net/udp"],
-        (false, false) => &["/proc/net/udp6"],
-    };
-    let mut inodes = HashSet::new();
-    for file in files {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 10 || (tcp && f[3] != "0A") {
-                continue;
-            }
-            let Some(local) = parse_proc_addr(f[1]) else {
+/// Who holds which socket, read once from `/proc/net` and `/proc/*/fd` (complete only when
+/// run as root).
+struct Holders {
+    /// (tcp, local address, socket inode) of every TCP listener and UDP socket.
+    sockets: Vec<(bool, SocketAddr, u64)>,
+    /// The processes holding each socket inode, with their command names.
+    by_inode: HashMap<u64, Vec<(i32, String)>>,
+}
+
+impl Holders {
+    fn read() -> Holders {
+        let mut sockets = Vec::new();
+        for (file, tcp) in [
+            ("/proc/net/tcp", true),
+            ("/proc/net/tcp6", true),
+            ("/proc/net/udp", false),
+            ("/proc/net/udp6", false),
+        ] {
+            let Ok(text) = std::fs::read_to_string(file) else {
                 continue;
             };
-            let overlaps =
-                local.ip() == sa.ip() || local.ip().is_unspecified() || sa.ip().is_unspecified();
-            if local.port() == sa.port() && overlaps {
-                inodes.insert(format!("socket:[{}]", f[9]));
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 10 || (tcp && f[3] != "0A") {
+                    continue;
+                }
+                if let (Some(local), Ok(inode)) = (parse_proc_addr(f[1]), f[9].parse()) {
+                    sockets.push((tcp, local, inode));
+                }
             }
         }
-    }
-    let mut out = Vec::new();
-    if inodes.is_empty() {
-        return out;
-    }
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
-            continue;
-        };
-        let holds = fds.flatten().any(|fd| {
-            std::fs::read_link(fd.path())
-                .map(|t| inodes.contains(t.to_string_lossy().as_ref()))
-                .unwrap_or(false)
-        });
-        if holds {
-            let comm = std::fs::read_to_string(p.path().join("comm"))
-                .map(|c| c.trim().to_string())
-                .unwrap_or_else(|_| "?".into());
-            out.push((pid, comm));
+        let mut by_inode: HashMap<u64, Vec<(i32, String)>> = HashMap::new();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.flatten() {
+                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+                    continue;
+                };
+                let mut comm = None;
+                let mut seen = HashSet::new();
+                for fd in fds.flatten() {
+                    let Ok(target) = std::fs::read_link(fd.path()) else {
+                        continue;
+                    };
+                    let target = target.to_string_lossy();
+                    let Some(inode) = target
+                        .strip_prefix("socket:[")
+                        .and_then(|t| t.strip_suffix(']'))
+                        .and_then(|t| t.parse::<u64>().ok())
+                    else {
+                        continue;
+                    };
+                    if !seen.insert(inode) {
+                        continue;
+                    }
+                    let comm = comm.get_or_insert_with(|| {
+                        std::fs::read_to_string(p.path().join("comm"))
+                            .map(|c| c.trim().to_string())
+                            .unwrap_or_else(|_| "?".into())
+                    });
+                    by_inode.entry(inode).or_default().push((pid, comm.clone()));
+                }
+            }
         }
+        Holders { sockets, by_inode }
     }
-    out
+
+    /// Processes holding a socket that conflicts with `sa` (same port and family; the same
+    /// IP or either a wildcard).
+    fn of(&self, sa: SocketAddr, tcp: bool) -> Vec<(i32, String)> {
+        let mut out: Vec<(i32, String)> = Vec::new();
+        for (t, local, inode) in &self.sockets {
+            let overlaps =
+                local.ip() == sa.ip() || local.ip().is_unspecified() || sa.ip().is_unspecified();
+            if *t != tcp
+                || local.is_ipv4() != sa.is_ipv4()
+                || local.port() != sa.port()
+                || !overlaps
+            {
+                continue;
+            }
+            for h in self.by_inode.get(inode).into_iter().flatten() {
+                if !out.contains(h) {
+                    out.push(h.clone());
+                }
+            }
+        }
+        out
+    }
 }
 
 /// `0100007F:1F4F` (IPv4) or 32 hex digits and a port (IPv6), as `/proc/net/*` writes them:
@@ -203,7 +248,7 @@ mod tests {
     fn a_port_another_program_listens_on_is_an_error_naming_it() {
         let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = holder.local_addr().unwrap();
-        let holders = holders(addr, true);
+        let holders = Holders::read().of(addr, true);
         let me = std::process::id() as i32;
         assert!(holders.iter().any(|(pid, _)| *pid == me), "{holders:?}");
         assert!(try_bind(addr, Type::STREAM).is_err());
