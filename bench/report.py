@@ -222,6 +222,12 @@ for t in ("c1", "c32"):
     trow(f"wait C={t[1:]} conn/s: superserver→small-services ÷ small-services binding itself", r, "≥ 0.97×", verdict(r, 0.97))
 
 
+ups = [v for r in ok_data("superserver-1000", "upgrade") for v in r["data"].get("upgrade_ms", [])]
+if ups:
+    m = med(ups)
+    P(f"| in-place upgrade with 1,000 services, command to the new image serving: median {fmt(m, 1)} ms over {len(ups)} | {fmt(m, 1)} ms | < 50 ms | {'**pass**' if m < 50 else '**FAIL**'} |")
+
+
 def cold(row):
     """Every cold sample of the row (the first connection after each start), keyed by order."""
     vals = []
