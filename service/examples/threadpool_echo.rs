@@ -39,7 +39,9 @@ fn main() {
     while let Some(conn) = acceptor.accept() {
         tx.send(conn).expect("workers alive");
     }
-    std::process::exit(acceptor.finish().exit_code());
+    let code = acceptor.finish().exit_code();
+    drop(sockets); // removes a unix socket file it bound itself (never a passed one)
+    std::process::exit(code);
 }
 
 fn echo(mut conn: Tracked<Stream>) {

@@ -833,7 +833,9 @@ impl Acceptor {
             }
         }
         loop {
-            self.stopped?;
+            if self.stopped.is_some() {
+                return None;
+            }
             let wait = match self.options.idle_check(&self.tracker) {
                 Ok(w) => w,
                 Err(()) => {

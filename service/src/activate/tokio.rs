@@ -251,7 +251,9 @@ impl TokioAcceptor {
             }
         }
         loop {
-            self.stopped?;
+            if self.stopped.is_some() {
+                return None;
+            }
             let wait = match self.options.idle_check(&self.tracker) {
                 Ok(w) => w.unwrap_or(Duration::from_secs(86400 * 365)),
                 Err(()) => {
