@@ -1,0 +1,744 @@
+//! The `activate` library through its two examples (`axum_hello`, `threadpool_echo`), each under
+//! real launchers (systemd-socket-activate, systemfd --no-pid, binding by itself, the
+//! superserver in wait mode), over TCP and unix sockets; and the race test: thousands of HTTP
+//! requests across dozens of idle exits under a re-arming launcher, none lost, while a
+//! deliberately naive idle exit loses some under the same load.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use util::{Child, DEADLINE, Launch, tcp_listener};
+
+/// Idle timeout of the examples in these tests.
+const IDLE: &str = "200ms";
+
+fn example(name: &'static str) -> &'static Path {
+    static BUILT: OnceLock<Mutex<Vec<(&'static str, PathBuf)>>> = OnceLock::new();
+    let built = BUILT.get_or_init(|| Mutex::new(Vec::new()));
+    let mut built = built.lock().unwrap();
+    if let Some((_, p)) = built.iter().find(|(n, _)| *n == name) {
+        return Box::leak(p.clone().into_boxed_path());
+    }
+    let run = escargot::CargoBuild::new()
+        .package("small-services")
+        .example(name)
+        .features("tokio")
+        .current_release()
+        .run()
+        .unwrap_or_else(|e| panic!("building example {name}: {e}"));
+    let path = run.path().to_path_buf();
+    built.push((name, path.clone()));
+    Box::leak(path.into_boxed_path())
+}
+
+fn axum_hello() -> &'static str {
+    example("axum_hello").to_str().unwrap()
+}
+
+fn threadpool_echo() -> &'static str {
+    example("threadpool_echo").to_str().unwrap()
+}
+
+/// Where a client connects.
+#[derive(Clone, Debug)]
+enum Addr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+trait Conn: Read + Write + Send {}
+impl<T: Read + Write + Send> Conn for T {}
+
+fn dial(addr: &Addr) -> std::io::Result<Box<dyn Conn>> {
+    Ok(match addr {
+        Addr::Tcp(a) => {
+            let s = TcpStream::connect_timeout(a, DEADLINE)?;
+            s.set_read_timeout(Some(DEADLINE))?;
+            s.set_nodelay(true)?;
+            Box::new(s)
+        }
+        Addr::Unix(p) => {
+            let s = UnixStream::connect(p)?;
+            s.set_read_timeout(Some(DEADLINE))?;
+            Box::new(s)
+        }
+    })
+}
+
+/// One HTTP/1.1 `GET /` on `conn`; `close` asks the server to close afterwards. Checks the
+/// status and body.
+fn http_get(conn: &mut BufReader<Box<dyn Conn>>, close: bool) -> Result<(), String> {
+    let req = if close {
+        "GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    } else {
+        "GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+    };
+    conn.get_mut()
+        .write_all(req.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut status = String::new();
+    conn.read_line(&mut status)
+        .map_err(|e| format!("read status: {e}"))?;
+    if !status.starts_with("HTTP/1.1 200") {
+        return Err(format!("status line {status:?}"));
+    }
+    let mut length = None;
+    loop {
+        let mut line = String::new();
+        conn.read_line(&mut line)
+            .map_err(|e| format!("read header: {e}"))?;
+        if line == "\r\n" {
+            break;
+        }
+        if line.is_empty() {
+            return Err("EOF in headers".into());
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse::<usize>().ok();
+        }
+    }
+    let mut body = vec![0; length.ok_or("no content-length")?];
+    conn.read_exact(&mut body)
+        .map_err(|e| format!("read body: {e}"))?;
+    if body != b"Hello, World!" {
+        return Err(format!("body {body:?}"));
+    }
+    Ok(())
+}
+
+fn get_once(addr: &Addr) -> Result<(), String> {
+    let conn = dial(addr).map_err(|e| format!("connect: {e}"))?;
+    http_get(&mut BufReader::new(conn), true)
+}
+
+fn echo_once(addr: &Addr, text: &str) -> Result<(), String> {
+    let mut conn = dial(addr).map_err(|e| format!("connect: {e}"))?;
+    conn.write_all(text.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut back = vec![0; text.len()];
+    conn.read_exact(&mut back)
+        .map_err(|e| format!("read: {e}"))?;
+    if back != text.as_bytes() {
+        return Err(format!("echoed {back:?}"));
+    }
+    Ok(())
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Retries `f` until it succeeds (the launcher may not be listening yet).
+fn eventually(what: &str, mut f: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match f() {
+            Ok(()) => return,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+fn unix_listener(dir: &Path, name: &str) -> (UnixListener, PathBuf) {
+    let path = dir.join(name);
+    (UnixListener::bind(&path).unwrap(), path)
+}
+
+fn serve_check(program: &str) -> fn(&Addr) -> Result<(), String> {
+    if program.ends_with("axum_hello") {
+        get_once
+    } else {
+        |a| echo_once(a, "hello\r\n")
+    }
+}
+
+// --- each example under each launcher -----------------------------------------------------
+
+/// A launcher command line around `program`, serving `addr`; returns the child (own process
+/// group) and where to connect.
+fn under_systemd_socket_activate(program: &str, unix: Option<&Path>) -> (Child, Addr) {
+    let (spec, addr) = match unix {
+        Some(p) => (p.display().to_string(), Addr::Unix(p.to_owned())),
+        None => {
+            let port = free_tcp_port();
+            (
+                format!("127.0.0.1:{port}"),
+                Addr::Tcp(([127, 0, 0, 1], port).into()),
+            )
+        }
+    };
+    let child = Launch::program("systemd-socket-activate")
+        .args(["-l", &spec, "--fdname=web", "-E", "ACTIVATION_IDLE_TIMEOUT", program])
+        .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+        .group()
+        .spawn();
+    (child, addr)
+}
+
+fn under_systemfd(program: &str, unix: Option<&Path>) -> (Child, Addr) {
+    let (spec, addr) = match unix {
+        Some(p) => (format!("unix::{}", p.display()), Addr::Unix(p.to_owned())),
+        None => {
+            let port = free_tcp_port();
+            (
+                format!("tcp::127.0.0.1:{port}"),
+                Addr::Tcp(([127, 0, 0, 1], port).into()),
+            )
+        }
+    };
+    let child = Launch::program("systemfd")
+        .args(["--no-pid", "-q", "-s", &spec, "--", program])
+        .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+        .group()
+        .spawn();
+    (child, addr)
+}
+
+fn bound_by_itself(program: &str, unix: Option<&Path>) -> (Child, Addr) {
+    let (spec, addr) = match unix {
+        Some(p) => (format!("web=unix:{}", p.display()), Addr::Unix(p.to_owned())),
+        None => {
+            let port = free_tcp_port();
+            (
+                format!("web=tcp://127.0.0.1:{port}"),
+                Addr::Tcp(([127, 0, 0, 1], port).into()),
+            )
+        }
+    };
+    let child = Launch::program(program)
+        .env("ACTIVATION_LISTEN", &spec)
+        .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+        .spawn();
+    (child, addr)
+}
+
+/// Serves a request, then exits 0 on its own after the idle timeout. `socket_file_stays`: a
+/// unix socket file made by the launcher is still there afterwards.
+fn check_cell(
+    program: &str,
+    launch: fn(&str, Option<&Path>) -> (Child, Addr),
+    unix: bool,
+    socket_file_stays: bool,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("web.sock");
+    let (mut child, addr) = launch(program, unix.then_some(path.as_path()));
+    let check = serve_check(program);
+    eventually("first request", || check(&addr));
+    check(&addr).unwrap();
+    child.assert_exit(0, DEADLINE);
+    if unix {
+        assert_eq!(
+            path.exists(),
+            socket_file_stays,
+            "unix socket file {} after the exit",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn axum_hello_under_systemd_socket_activate_tcp_and_unix() {
+    check_cell(axum_hello(), under_systemd_socket_activate, false, true);
+    check_cell(axum_hello(), under_systemd_socket_activate, true, true);
+}
+
+#[test]
+fn threadpool_echo_under_systemd_socket_activate_tcp_and_unix() {
+    check_cell(threadpool_echo(), under_systemd_socket_activate, false, true);
+    check_cell(threadpool_echo(), under_systemd_socket_activate, true, true);
+}
+
+#[test]
+fn axum_hello_under_systemfd_no_pid_tcp_and_unix() {
+    check_cell(axum_hello(), under_systemfd, false, true);
+    check_cell(axum_hello(), under_systemfd, true, true);
+}
+
+#[test]
+fn threadpool_echo_under_systemfd_no_pid_tcp_and_unix() {
+    check_cell(threadpool_echo(), under_systemfd, false, true);
+    check_cell(threadpool_echo(), under_systemfd, true, true);
+}
+
+#[test]
+fn axum_hello_bound_by_itself_tcp_and_unix_removes_its_own_socket_file() {
+    check_cell(axum_hello(), bound_by_itself, false, false);
+    check_cell(axum_hello(), bound_by_itself, true, false);
+}
+
+#[test]
+fn threadpool_echo_bound_by_itself_tcp_and_unix_removes_its_own_socket_file() {
+    check_cell(threadpool_echo(), bound_by_itself, false, false);
+    check_cell(threadpool_echo(), bound_by_itself, true, false);
+}
+
+#[test]
+fn axum_hello_serves_tcp_and_unix_listeners_together_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let tcp = tcp_listener();
+    let (unix, path) = unix_listener(dir.path(), "web.sock");
+    let mut child = Launch::program(axum_hello())
+        .fd(&tcp)
+        .fd(&unix)
+        .names("web:admin")
+        .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+        .spawn();
+    get_once(&Addr::Tcp(tcp.local_addr().unwrap())).unwrap();
+    get_once(&Addr::Unix(path.clone())).unwrap();
+    child.assert_exit(0, DEADLINE);
+    assert!(path.exists(), "a passed unix socket file is never removed");
+}
+
+#[test]
+fn sigterm_drains_an_open_connection_then_exits_0() {
+    let tcp = tcp_listener();
+    let addr = Addr::Tcp(tcp.local_addr().unwrap());
+    let mut child = Launch::program(axum_hello())
+        .fd(&tcp)
+        .env("ACTIVATION_IDLE_TIMEOUT", "0")
+        .spawn();
+    // A keep-alive connection with a request served.
+    let mut conn = BufReader::new(dial(&addr).unwrap());
+    http_get(&mut conn, false).unwrap();
+    child.signal(libc::SIGTERM);
+    // Still served on the open connection, which the server then closes (graceful shutdown).
+    let _ = http_get(&mut conn, false);
+    child.assert_exit(0, DEADLINE);
+}
+
+/// The claim the idle exit rests on: when the service closes its copy of a passed listening
+/// socket, a connection queued in it (or arriving after) stays queued in the launcher's copy
+/// and is served by the next activation. TCP and unix.
+#[test]
+fn a_connection_queued_while_nobody_runs_is_served_by_the_next_activation() {
+    let dir = tempfile::tempdir().unwrap();
+    let tcp = tcp_listener();
+    let (unix, path) = unix_listener(dir.path(), "web.sock");
+    let tcp_addr = Addr::Tcp(tcp.local_addr().unwrap());
+    let unix_addr = Addr::Unix(path.clone());
+    for program in [axum_hello(), threadpool_echo()] {
+        let check = serve_check(program);
+        let start = || {
+            Launch::program(program)
+                .fd(&tcp)
+                .fd(&unix)
+                .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+                .spawn()
+        };
+        let mut first = start();
+        check(&tcp_addr).unwrap();
+        first.assert_exit(0, DEADLINE);
+        // Nobody runs now: both clients connect and send into the queues we hold.
+        let waiting: Vec<_> = [tcp_addr.clone(), unix_addr.clone()]
+            .into_iter()
+            .map(|a| std::thread::spawn(move || check(&a)))
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut second = start();
+        for w in waiting {
+            w.join().unwrap().expect("served by the next activation");
+        }
+        second.assert_exit(0, DEADLINE);
+        assert!(path.exists());
+    }
+}
+
+// --- the superserver in wait mode ----------------------------------------------------------
+
+fn superserver_bin() -> Option<PathBuf> {
+    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        match escargot::CargoBuild::new()
+            .package("superserver")
+            .bin("superserver")
+            .current_release()
+            .run()
+        {
+            Ok(run) => Some(run.path().to_path_buf()),
+            Err(e) => {
+                eprintln!("SKIPPED: cannot build the superserver binary: {e}");
+                None
+            }
+        }
+    })
+    .clone()
+}
+
+/// The superserver in wait mode with `program` on a TCP and a unix socket.
+fn superserver(program: &str, dir: &Path, tcp_port: u16, unix: &Path) -> Option<Child> {
+    let bin = superserver_bin()?;
+    let root = nix_is_root();
+    let config = format!(
+        "[service.web]\nexec = [\"{program}\"]\n{}env = {{ ACTIVATION_IDLE_TIMEOUT = \"{IDLE}\" }}\n\
+         listen = {{ web = [\"tcp://127.0.0.1:{tcp_port}\", \"unix:{}\"] }}\n",
+        if root { "allow_root = true\n" } else { "" },
+        unix.display()
+    );
+    let path = dir.join("superserver.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = Launch::program(bin.to_str().unwrap())
+        .args(["--config", path.to_str().unwrap()])
+        .env("SUPERSERVER_CONTROL", dir.join("ctl").to_str().unwrap())
+        .group()
+        .spawn();
+    child.wait_line("ready", DEADLINE);
+    Some(child)
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn both_examples_under_the_superserver_in_wait_mode_tcp_and_unix() {
+    for program in [axum_hello(), threadpool_echo()] {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_tcp_port();
+        let sock = dir.path().join("web.sock");
+        let Some(server) = superserver(program, dir.path(), port, &sock) else {
+            eprintln!("SKIPPED: superserver cell (no superserver binary)");
+            return;
+        };
+        let check = serve_check(program);
+        let tcp = Addr::Tcp(([127, 0, 0, 1], port).into());
+        let unix = Addr::Unix(sock.clone());
+        // Three rounds: each after an idle exit, the superserver re-arms and starts it again.
+        for round in 0..3 {
+            eventually("tcp", || check(&tcp));
+            check(&unix).unwrap();
+            let rearmed = |log: String| log.matches("watching its sockets again").count();
+            let exits = rearmed(server.stderr());
+            let deadline = Instant::now() + DEADLINE;
+            while rearmed(server.stderr()) == exits {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: no idle exit seen; log:\n{}",
+                    server.stderr()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        assert!(sock.exists());
+    }
+}
+
+// --- the race test -------------------------------------------------------------------------
+
+/// A launcher like the superserver in wait mode, in the test: holds the listening sockets,
+/// starts `program` with them when one is readable (a client waits in its queue), waits for it
+/// to exit, and starts it again when a client is waiting again.
+struct Rearming {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+}
+
+impl Rearming {
+    fn start(program: &'static str, fds: Vec<OwnedFd>, names: &str, env: Vec<(&'static str, &'static str)>) -> Rearming {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let names = names.to_owned();
+        let thread = std::thread::spawn(move || {
+            let mut starts = 0;
+            let mut bad_exits = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let mut polls: Vec<libc::pollfd> = fds
+                    .iter()
+                    .map(|f| libc::pollfd {
+                        fd: f.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    })
+                    .collect();
+                // SAFETY: a valid pollfd array for the duration of the call.
+                let n = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as _, 20) };
+                if n <= 0 {
+                    continue;
+                }
+                starts += 1;
+                let mut child = spawn_with_fds(program, &fds, &names, &env);
+                let status = child.wait().unwrap();
+                if status.code() != Some(0) {
+                    bad_exits.push(format!("{status:?}"));
+                }
+            }
+            (starts, bad_exits)
+        });
+        Rearming {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// (activations, exits that were not 0)
+    fn finish(mut self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Starts `program` with `fds` at 3, 4, ..., `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` =
+/// its own pid (through `sh -c 'LISTEN_PID=$$ exec ...'`), stdout/stderr to /dev/null.
+fn spawn_with_fds(
+    program: &str,
+    fds: &[OwnedFd],
+    names: &str,
+    env: &[(&str, &str)],
+) -> std::process::Child {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(r#"LISTEN_PID=$$ exec "$0""#)
+        .arg(program)
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env("LISTEN_FDNAMES", names)
+        .env_remove("LISTEN_PID")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: only fcntl and dup2 between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut high = [0; 8];
+            for (i, &fd) in raw.iter().enumerate() {
+                high[i] = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, &h) in high.iter().enumerate().take(raw.len()) {
+                if libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().expect("spawn")
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicUsize,
+    failed: AtomicUsize,
+    errors: Mutex<Vec<String>>,
+}
+
+impl Tally {
+    fn record(&self, r: Result<(), String>) {
+        match r {
+            Ok(()) => {
+                self.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                let mut errors = self.errors.lock().unwrap();
+                if errors.len() < 10 {
+                    errors.push(e);
+                }
+            }
+        }
+    }
+}
+
+/// A small deterministic PRNG (xorshift), so runs are repeatable per seed.
+struct Rng(u64);
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// One client's work in one phase: one-shot requests, a fast keep-alive connection, or a slow
+/// keep-alive connection that stays open longer than the idle timeout.
+fn client_phase(addr: &Addr, rng: &mut Rng, tally: &Tally) -> usize {
+    match rng.below(10) {
+        0..4 => {
+            let n = 1 + rng.below(12) as usize;
+            for _ in 0..n {
+                tally.record(get_once(addr));
+            }
+            n
+        }
+        4..8 => {
+            let n = 2 + rng.below(40) as usize;
+            match dial(addr) {
+                Ok(c) => {
+                    let mut c = BufReader::new(c);
+                    for i in 0..n {
+                        let r = http_get(&mut c, i + 1 == n);
+                        let failed = r.is_err();
+                        tally.record(r);
+                        if failed {
+                            // The rest of this connection's requests are lost too.
+                            for _ in i + 1..n {
+                                tally.record(Err("connection already broken".into()));
+                            }
+                            break;
+                        }
+                    }
+                }
+                Err(e) => {
+                    for _ in 0..n {
+                        tally.record(Err(format!("connect: {e}")));
+                    }
+                }
+            }
+            n
+        }
+        _ => {
+            let n = 6;
+            match dial(addr) {
+                Ok(c) => {
+                    let mut c = BufReader::new(c);
+                    for i in 0..n {
+                        let r = http_get(&mut c, i + 1 == n);
+                        let failed = r.is_err();
+                        tally.record(r);
+                        if failed {
+                            for _ in i + 1..n {
+                                tally.record(Err("connection already broken".into()));
+                            }
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(60));
+                    }
+                }
+                Err(e) => {
+                    for _ in 0..n {
+                        tally.record(Err(format!("connect: {e}")));
+                    }
+                }
+            }
+            n
+        }
+    }
+}
+
+struct RaceResult {
+    ok: usize,
+    failed: usize,
+    activations: usize,
+    bad_exits: Vec<String>,
+    errors: Vec<String>,
+}
+
+/// `phases` rounds of load on a TCP and a unix listener of `axum_hello` under the re-arming
+/// launcher: `CLIENTS` clients each do a burst, then all pause for about the idle timeout (a bit
+/// less or more, so new connections land right around the exit decision).
+fn race(phases: usize, target_requests: usize, naive: bool) -> RaceResult {
+    const CLIENTS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let tcp = tcp_listener();
+    let (unix, path) = unix_listener(dir.path(), "web.sock");
+    let addrs = [Addr::Tcp(tcp.local_addr().unwrap()), Addr::Unix(path)];
+    let mut env = vec![("ACTIVATION_IDLE_TIMEOUT", IDLE)];
+    if naive {
+        env.push(("ACTIVATION_TEST_NAIVE_IDLE_EXIT", "1"));
+    }
+    let launcher = Rearming::start(
+        axum_hello(),
+        vec![OwnedFd::from(tcp), OwnedFd::from(unix)],
+        "web:web",
+        env,
+    );
+    let tally = Arc::new(Tally::default());
+    let sent = Arc::new(AtomicUsize::new(0));
+    let per_phase = target_requests / phases;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    for phase in 0..phases {
+        let start = sent.load(Ordering::Relaxed);
+        let handles: Vec<_> = (0..CLIENTS)
+            .map(|c| {
+                let addr = addrs[c % 2].clone();
+                let tally = tally.clone();
+                let sent = sent.clone();
+                let seed = rng.below(u64::MAX) | 1;
+                std::thread::spawn(move || {
+                    let mut rng = Rng(seed);
+                    // Stagger the first connection of each client by up to 30 ms.
+                    std::thread::sleep(Duration::from_millis(rng.below(30)));
+                    while sent.load(Ordering::Relaxed) - start < per_phase {
+                        let n = client_phase(&addr, &mut rng, &tally);
+                        sent.fetch_add(n, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let _ = phase;
+        // Quiet for about the idle timeout: 170..290 ms.
+        std::thread::sleep(Duration::from_millis(170 + rng.below(120)));
+    }
+    // Let the last activation exit before stopping the launcher.
+    std::thread::sleep(Duration::from_millis(600));
+    let (activations, bad_exits) = launcher.finish();
+    let errors = tally.errors.lock().unwrap().clone();
+    RaceResult {
+        ok: tally.ok.load(Ordering::Relaxed),
+        failed: tally.failed.load(Ordering::Relaxed),
+        activations,
+        bad_exits,
+        errors,
+    }
+}
+
+#[test]
+fn race_10000_requests_across_idle_exits_lose_nothing() {
+    let r = race(30, 10_000, false);
+    eprintln!(
+        "race (correct idle exit): {} ok, {} failed, {} activations",
+        r.ok, r.failed, r.activations
+    );
+    assert_eq!(r.failed, 0, "lost requests: {:?}", r.errors);
+    assert!(r.ok >= 10_000, "only {} requests", r.ok);
+    assert!(
+        r.activations >= 21,
+        "only {} activations (idle exits: {})",
+        r.activations,
+        r.activations.saturating_sub(1)
+    );
+    assert!(r.bad_exits.is_empty(), "exits not 0: {:?}", r.bad_exits);
+}
+
+#[test]
+fn race_naive_idle_exit_loses_requests() {
+    let r = race(12, 3_000, true);
+    eprintln!(
+        "race (naive idle exit): {} ok, {} failed, {} activations; first errors: {:?}",
+        r.ok, r.failed, r.activations, r.errors
+    );
+    assert!(
+        r.failed > 0,
+        "the naive idle exit lost nothing: the harness cannot tell"
+    );
+}
+
