@@ -15,10 +15,11 @@ const WORKERS: usize = 8;
 fn main() {
     env_logger::init();
     // Before any thread starts: this edits the environment.
-    let mut sockets = Sockets::from_env_or_bind(["echo=tcp://127.0.0.1:7007"]).unwrap_or_else(|e| {
-        eprintln!("threadpool_echo: {e}");
-        std::process::exit(3);
-    });
+    let mut sockets =
+        Sockets::from_env_or_bind(["echo=tcp://127.0.0.1:7007"]).unwrap_or_else(|e| {
+            eprintln!("threadpool_echo: {e}");
+            std::process::exit(3);
+        });
     let options = Options::from_env(&sockets);
     let listeners = sockets.take_listeners().expect("stream listeners");
     let mut acceptor = Acceptor::new(listeners, options).expect("acceptor");

@@ -10,7 +10,7 @@
 //!   [`Sockets::take_tcp`], [`Sockets::take_unix`], [`Sockets::take_udp`],
 //!   [`Sockets::take_listeners`].
 //! * [`Acceptor`] (std, for thread pools) and, with feature `tokio`,
-//!   [`tokio::TokioAcceptor`] and [`tokio::serve_http`] (hyper/axum over several TCP and unix
+//!   `tokio::TokioAcceptor` and `tokio::serve_http` (hyper/axum over several TCP and unix
 //!   listeners) accept until the idle timeout passes with no connection open, then **stop
 //!   accepting first** and return: a client that connects after that decision waits in the kernel
 //!   queue of the launcher's copy of the socket for the next activation. On SIGTERM/SIGINT they
@@ -43,6 +43,8 @@
 //!
 //! **Call [`Sockets::from_env`] / [`Sockets::from_env_or_bind`] before starting any thread**
 //! (before building a multi-threaded tokio runtime): it edits the environment.
+
+#![deny(missing_docs)]
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -393,12 +395,16 @@ impl Sockets {
 
     /// The TCP listener under `key`.
     pub fn take_tcp<'k>(&mut self, key: impl Into<Key<'k>>) -> Result<TcpListener, Error> {
-        Ok(self.take_slot(key.into(), &[SocketKind::TcpListener])?.into())
+        Ok(self
+            .take_slot(key.into(), &[SocketKind::TcpListener])?
+            .into())
     }
 
     /// The unix stream listener under `key`.
     pub fn take_unix<'k>(&mut self, key: impl Into<Key<'k>>) -> Result<UnixListener, Error> {
-        Ok(self.take_slot(key.into(), &[SocketKind::UnixListener])?.into())
+        Ok(self
+            .take_slot(key.into(), &[SocketKind::UnixListener])?
+            .into())
     }
 
     /// The UDP socket under `key`.
@@ -448,10 +454,11 @@ impl Listener {
                 Ok(a) => format!("tcp://{a}"),
                 Err(_) => "tcp://?".to_owned(),
             },
-            Listener::Unix(l) => match l.local_addr().ok().and_then(|a| {
-                a.as_pathname()
-                    .map(|p| p.display().to_string())
-            }) {
+            Listener::Unix(l) => match l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| p.display().to_string()))
+            {
                 Some(p) => format!("unix:{p}"),
                 None => "unix:(unnamed)".to_owned(),
             },
@@ -698,7 +705,12 @@ impl Options {
         let read = |var: &str| {
             std::env::var(var).ok().and_then(|v| {
                 humantime::parse_duration(v.trim())
-                    .or_else(|_| v.trim().parse::<u64>().map(Duration::from_secs).map_err(|_| ()))
+                    .or_else(|_| {
+                        v.trim()
+                            .parse::<u64>()
+                            .map(Duration::from_secs)
+                            .map_err(|_| ())
+                    })
                     .map_err(|_| log::warn!("{var}={v:?} is not a duration, ignored"))
                     .ok()
             })
@@ -883,7 +895,10 @@ impl Acceptor {
                         return Some(Tracked::new(stream, self.tracker.track()));
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.raw_os_error() == Some(libc::EMFILE) || e.raw_os_error() == Some(libc::ENFILE) => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EMFILE)
+                            || e.raw_os_error() == Some(libc::ENFILE) =>
+                    {
                         log::warn!("accept: {e}; waiting");
                         std::thread::sleep(Duration::from_millis(100));
                     }

@@ -185,7 +185,14 @@ fn under_systemd_socket_activate(program: &str, unix: Option<&Path>) -> (Child, 
         }
     };
     let child = Launch::program("systemd-socket-activate")
-        .args(["-l", &spec, "--fdname=web", "-E", "ACTIVATION_IDLE_TIMEOUT", program])
+        .args([
+            "-l",
+            &spec,
+            "--fdname=web",
+            "-E",
+            "ACTIVATION_IDLE_TIMEOUT",
+            program,
+        ])
         .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
         .group()
         .spawn();
@@ -213,7 +220,10 @@ fn under_systemfd(program: &str, unix: Option<&Path>) -> (Child, Addr) {
 
 fn bound_by_itself(program: &str, unix: Option<&Path>) -> (Child, Addr) {
     let (spec, addr) = match unix {
-        Some(p) => (format!("web=unix:{}", p.display()), Addr::Unix(p.to_owned())),
+        Some(p) => (
+            format!("web=unix:{}", p.display()),
+            Addr::Unix(p.to_owned()),
+        ),
         None => {
             let port = free_tcp_port();
             (
@@ -262,7 +272,12 @@ fn axum_hello_under_systemd_socket_activate_tcp_and_unix() {
 
 #[test]
 fn threadpool_echo_under_systemd_socket_activate_tcp_and_unix() {
-    check_cell(threadpool_echo(), under_systemd_socket_activate, false, true);
+    check_cell(
+        threadpool_echo(),
+        under_systemd_socket_activate,
+        false,
+        true,
+    );
     check_cell(threadpool_echo(), under_systemd_socket_activate, true, true);
 }
 
@@ -448,16 +463,22 @@ fn both_examples_under_the_superserver_in_wait_mode_tcp_and_unix() {
 /// to exit, and starts it again when a client is waiting again.
 struct Rearming {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<(usize, Vec<String>)>>,
+    thread: Option<std::thread::JoinHandle<(usize, Vec<String>, usize)>>,
 }
 
 impl Rearming {
-    fn start(program: &'static str, fds: Vec<OwnedFd>, names: &str, env: Vec<(&'static str, &'static str)>) -> Rearming {
+    fn start(
+        program: &'static str,
+        fds: Vec<OwnedFd>,
+        names: &str,
+        env: Vec<(&'static str, &'static str)>,
+    ) -> Rearming {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let names = names.to_owned();
         let thread = std::thread::spawn(move || {
             let mut starts = 0;
+            let mut queued_at_exit = 0;
             let mut bad_exits = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 let mut polls: Vec<libc::pollfd> = fds
@@ -475,12 +496,28 @@ impl Rearming {
                 }
                 starts += 1;
                 let mut child = spawn_with_fds(program, &fds, &names, &env);
+                let t0 = Instant::now();
                 let status = child.wait().unwrap();
+                if std::env::var_os("RACE_DEBUG").is_some() {
+                    eprintln!(
+                        "activation {starts}: ran {:?}, exit at {:?}",
+                        t0.elapsed(),
+                        epoch().elapsed()
+                    );
+                }
                 if status.code() != Some(0) {
                     bad_exits.push(format!("{status:?}"));
                 }
+                // Clients that connected around the exit decision wait in our queue now.
+                for p in polls.iter_mut() {
+                    p.revents = 0;
+                }
+                // SAFETY: as above.
+                if unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as _, 0) } > 0 {
+                    queued_at_exit += 1;
+                }
             }
-            (starts, bad_exits)
+            (starts, bad_exits, queued_at_exit)
         });
         Rearming {
             stop,
@@ -488,8 +525,8 @@ impl Rearming {
         }
     }
 
-    /// (activations, exits that were not 0)
-    fn finish(mut self) -> (usize, Vec<String>) {
+    /// (activations, exits that were not 0, exits after which a client was already queued)
+    fn finish(mut self) -> (usize, Vec<String>, usize) {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().unwrap().join().unwrap()
     }
@@ -538,6 +575,11 @@ fn spawn_with_fds(
         });
     }
     cmd.spawn().expect("spawn")
+}
+
+fn epoch() -> Instant {
+    static T: OnceLock<Instant> = OnceLock::new();
+    *T.get_or_init(Instant::now)
 }
 
 #[derive(Default)]
@@ -627,7 +669,9 @@ fn client_phase(addr: &Addr, rng: &mut Rng, tally: &Tally) -> usize {
                             }
                             break;
                         }
-                        std::thread::sleep(Duration::from_millis(60));
+                        if i + 1 < n {
+                            std::thread::sleep(Duration::from_millis(60));
+                        }
                     }
                 }
                 Err(e) => {
@@ -646,12 +690,12 @@ struct RaceResult {
     failed: usize,
     activations: usize,
     bad_exits: Vec<String>,
+    queued_at_exit: usize,
     errors: Vec<String>,
 }
 
 /// `phases` rounds of load on a TCP and a unix listener of `axum_hello` under the re-arming
-/// launcher: `CLIENTS` clients each do a burst, then all pause for about the idle timeout (a bit
-/// less or more, so new connections land right around the exit decision).
+/// launcher: `CLIENTS` clients each do a burst, then all pause (see the gaps below).
 fn race(phases: usize, target_requests: usize, naive: bool) -> RaceResult {
     const CLIENTS: usize = 6;
     let dir = tempfile::tempdir().unwrap();
@@ -694,29 +738,45 @@ fn race(phases: usize, target_requests: usize, naive: bool) -> RaceResult {
         for h in handles {
             h.join().unwrap();
         }
-        let _ = phase;
-        // Quiet for about the idle timeout: 170..290 ms.
-        std::thread::sleep(Duration::from_millis(170 + rng.below(120)));
+        // Quiet: on even phases for longer than the idle timeout (an idle exit, then the next
+        // clients start a new activation); on odd phases for 195..215 ms, so the next clients
+        // arrive right around the exit decision (200 ms after the last close): some find it
+        // still accepting, some queue while it stops, some find nobody and are queued for the
+        // next activation.
+        let gap = if phase % 2 == 0 {
+            260 + rng.below(40)
+        } else {
+            195 + rng.below(20)
+        };
+        if std::env::var_os("RACE_DEBUG").is_some() {
+            eprintln!(
+                "phase {phase} ends at {:?}, gap {gap} ms",
+                epoch().elapsed()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(gap));
     }
     // Let the last activation exit before stopping the launcher.
     std::thread::sleep(Duration::from_millis(600));
-    let (activations, bad_exits) = launcher.finish();
+    let (activations, bad_exits, queued_at_exit) = launcher.finish();
     let errors = tally.errors.lock().unwrap().clone();
     RaceResult {
         ok: tally.ok.load(Ordering::Relaxed),
         failed: tally.failed.load(Ordering::Relaxed),
         activations,
         bad_exits,
+        queued_at_exit,
         errors,
     }
 }
 
 #[test]
 fn race_10000_requests_across_idle_exits_lose_nothing() {
-    let r = race(30, 10_000, false);
+    let r = race(40, 10_000, false);
     eprintln!(
-        "race (correct idle exit): {} ok, {} failed, {} activations",
-        r.ok, r.failed, r.activations
+        "race (correct idle exit): {} ok, {} failed, {} activations, {} exits with a client \
+         already queued for the next one",
+        r.ok, r.failed, r.activations, r.queued_at_exit
     );
     assert_eq!(r.failed, 0, "lost requests: {:?}", r.errors);
     assert!(r.ok >= 10_000, "only {} requests", r.ok);
@@ -741,4 +801,3 @@ fn race_naive_idle_exit_loses_requests() {
         "the naive idle exit lost nothing: the harness cannot tell"
     );
 }
-

@@ -178,6 +178,16 @@ impl Sockets {
         Ok(TokioListener::from_std(self.take_listener(key)?)?)
     }
 
+    /// The UDP socket under `key` as a tokio socket (non-blocking). Needs a runtime.
+    pub fn take_tokio_udp<'k>(
+        &mut self,
+        key: impl Into<Key<'k>>,
+    ) -> Result<::tokio::net::UdpSocket, Error> {
+        let udp = self.take_udp(key)?;
+        udp.set_nonblocking(true)?;
+        Ok(::tokio::net::UdpSocket::from_std(udp)?)
+    }
+
     /// Every stream listener not yet taken, as tokio listeners (see
     /// [`Sockets::take_listeners`]). Needs a runtime.
     pub fn take_tokio_listeners(&mut self) -> Result<Vec<TokioListener>, Error> {
