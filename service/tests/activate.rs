@@ -184,7 +184,7 @@ fn under_systemd_socket_activate(program: &str, unix: Option<&Path>) -> (Child, 
             )
         }
     };
-    let child = Launch::program("systemd-socket-activate")
+    let child = Launch::program(&util::tool("systemd-socket-activate"))
         .args([
             "-l",
             &spec,
@@ -210,7 +210,7 @@ fn under_systemfd(program: &str, unix: Option<&Path>) -> (Child, Addr) {
             )
         }
     };
-    let child = Launch::program("systemfd")
+    let child = Launch::program(&util::tool("systemfd"))
         .args(["--no-pid", "-q", "-s", &spec, "--", program])
         .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
         .group()
@@ -323,6 +323,38 @@ fn axum_hello_serves_tcp_and_unix_listeners_together_by_name() {
 }
 
 #[test]
+fn both_examples_as_inetd_wait_services_with_the_socket_on_stdin() {
+    for program in [axum_hello(), threadpool_echo()] {
+        let tcp = tcp_listener();
+        let addr = Addr::Tcp(tcp.local_addr().unwrap());
+        let mut child = Launch::program(program)
+            .stdin(OwnedFd::from(tcp.try_clone().unwrap()))
+            .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+            .spawn();
+        serve_check(program)(&addr).unwrap();
+        child.assert_exit(0, DEADLINE);
+    }
+}
+
+#[test]
+fn both_examples_tell_the_service_manager_ready_and_stopping() {
+    for program in [axum_hello(), threadpool_echo()] {
+        let notify = util::Notify::new();
+        let tcp = tcp_listener();
+        let addr = Addr::Tcp(tcp.local_addr().unwrap());
+        let mut child = Launch::program(program)
+            .fd(&tcp)
+            .env("NOTIFY_SOCKET", notify.path())
+            .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+            .spawn();
+        notify.wait_for("READY=1");
+        serve_check(program)(&addr).unwrap();
+        notify.wait_for("STOPPING=1");
+        child.assert_exit(0, DEADLINE);
+    }
+}
+
+#[test]
 fn sigterm_drains_an_open_connection_then_exits_0() {
     let tcp = tcp_listener();
     let addr = Addr::Tcp(tcp.local_addr().unwrap());
@@ -337,6 +369,50 @@ fn sigterm_drains_an_open_connection_then_exits_0() {
     // Still served on the open connection, which the server then closes (graceful shutdown).
     let _ = http_get(&mut conn, false);
     child.assert_exit(0, DEADLINE);
+}
+
+#[test]
+fn threadpool_sigterm_serves_open_connections_then_exits_within_the_grace() {
+    let tcp = tcp_listener();
+    let addr = tcp.local_addr().unwrap();
+    // Drained: the open connection still echoes after SIGTERM; the exit follows its close.
+    let mut child = Launch::program(threadpool_echo())
+        .fd(&tcp)
+        .env("ACTIVATION_IDLE_TIMEOUT", "0")
+        .spawn();
+    let mut conn = util::connect(addr);
+    conn.write_all(b"one").unwrap();
+    let mut buf = [0; 3];
+    conn.read_exact(&mut buf).unwrap();
+    child.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(100));
+    conn.write_all(b"two").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"two");
+    assert!(
+        child.child.try_wait().unwrap().is_none(),
+        "exited with a connection open"
+    );
+    drop(conn);
+    child.assert_exit(0, DEADLINE);
+
+    // Deadline: a connection that never closes is cut after ACTIVATION_SHUTDOWN_GRACE.
+    let mut child = Launch::program(threadpool_echo())
+        .fd(&tcp)
+        .env("ACTIVATION_IDLE_TIMEOUT", "0")
+        .env("ACTIVATION_SHUTDOWN_GRACE", "300ms")
+        .spawn();
+    let mut conn = util::connect(addr);
+    conn.write_all(b"one").unwrap();
+    conn.read_exact(&mut buf).unwrap();
+    let t = Instant::now();
+    child.signal(libc::SIGTERM);
+    child.assert_exit(0, DEADLINE);
+    assert!(
+        t.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t.elapsed()
+    );
 }
 
 /// The claim the idle exit rests on: when the service closes its copy of a passed listening
