@@ -32,7 +32,7 @@ use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use ::tokio::signal::unix::{Signal, SignalKind, signal};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 
@@ -332,7 +332,10 @@ fn accept_any(listeners: &[TokioListener], cx: &mut Context<'_>) -> Poll<io::Res
 /// until idle or signalled (see [`TokioAcceptor`]); after a signal, open connections are asked
 /// to close after their current request and get [`Options::shutdown_grace`] to do so.
 ///
-/// Each connection counts as open (for the idle exit) until it is closed, keep-alive included.
+/// Each connection counts as open (for the idle exit) until it is closed, keep-alive included;
+/// hyper's header read timeout (30 s) closes a connection that sends no complete request
+/// headers in that time, so a silent client cannot hold off the idle exit forever through the
+/// first request.
 /// Returns why it stopped; exit with [`Stopped::exit_code`].
 pub async fn serve_http<S, B>(
     listeners: Vec<TokioListener>,
@@ -356,6 +359,7 @@ where
     let service = TowerToHyperService::new(service);
     while let Some(stream) = acceptor.accept().await {
         let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
             .serve_connection(TokioIo::new(stream), service.clone());
         let conn = graceful.watch(conn);
         ::tokio::spawn(async move {
