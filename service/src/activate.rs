@@ -73,6 +73,10 @@ pub const SHUTDOWN_GRACE_VAR: &str = "ACTIVATION_SHUTDOWN_GRACE";
 /// [`Options::naive_idle_exit`]), to show what the right one prevents.
 #[doc(hidden)]
 pub const NAIVE_IDLE_EXIT_VAR: &str = "ACTIVATION_TEST_NAIVE_IDLE_EXIT";
+/// Environment variable: [`Options::http_keep_alive_timeout`] (`0` = never).
+pub const KEEP_ALIVE_TIMEOUT_VAR: &str = "ACTIVATION_KEEP_ALIVE_TIMEOUT";
+/// Default [`Options::http_keep_alive_timeout`].
+pub const DEFAULT_HTTP_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Idle timeout when a launcher will start us again and none was configured.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(8);
 /// Default [`Options::shutdown_grace`].
@@ -678,6 +682,11 @@ pub struct Options {
     pub shutdown_grace: Duration,
     /// Send `sd_notify` `READY=1`/`STOPPING=1` (only ever when `NOTIFY_SOCKET` is set).
     pub notify: bool,
+    /// HTTP only (`tokio::serve_http`): close a keep-alive connection after this long without
+    /// a byte in either direction, between requests only (never one with a request in
+    /// progress), so a forgotten keep-alive connection cannot hold off the idle exit for ever.
+    /// `None`: keep it open until the client closes it.
+    pub http_keep_alive_timeout: Option<Duration>,
     /// **Test only, wrong on purpose:** decide "idle" from the time since the last *accept*,
     /// ignoring connections still open, and return while they are. Exists so the tests can
     /// show the requests this loses. Never set it in a real server.
@@ -686,12 +695,13 @@ pub struct Options {
 }
 
 impl Default for Options {
-    /// No idle exit, 5 s shutdown grace, `sd_notify` on.
+    /// No idle exit, 5 s shutdown grace, `sd_notify` on, 60 s HTTP keep-alive timeout.
     fn default() -> Self {
         Options {
             idle_timeout: None,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             notify: true,
+            http_keep_alive_timeout: Some(DEFAULT_HTTP_KEEP_ALIVE_TIMEOUT),
             naive_idle_exit: false,
         }
     }
@@ -699,8 +709,8 @@ impl Default for Options {
 
 impl Options {
     /// Options from the environment: `ACTIVATION_IDLE_TIMEOUT` (`200ms`, `8s`; `0` = never;
-    /// default 8 s when [`Sockets::relaunched`], else never) and `ACTIVATION_SHUTDOWN_GRACE`
-    /// (default 5 s). A value that does not parse is logged and the default used.
+    /// default 8 s when [`Sockets::relaunched`], else never), `ACTIVATION_SHUTDOWN_GRACE`
+    /// (default 5 s) and `ACTIVATION_KEEP_ALIVE_TIMEOUT` (default 60 s, `0` = never). A value that does not parse is logged and the default used.
     pub fn from_env(sockets: &Sockets) -> Options {
         let read = |var: &str| {
             std::env::var(var).ok().and_then(|v| {
@@ -724,6 +734,11 @@ impl Options {
             idle_timeout,
             shutdown_grace: read(SHUTDOWN_GRACE_VAR).unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             notify: true,
+            http_keep_alive_timeout: match read(KEEP_ALIVE_TIMEOUT_VAR) {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => Some(DEFAULT_HTTP_KEEP_ALIVE_TIMEOUT),
+            },
             naive_idle_exit: std::env::var(NAIVE_IDLE_EXIT_VAR).is_ok_and(|v| v == "1"),
         }
     }

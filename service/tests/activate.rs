@@ -415,6 +415,36 @@ fn threadpool_sigterm_serves_open_connections_then_exits_within_the_grace() {
     );
 }
 
+#[test]
+fn a_forgotten_keep_alive_connection_holds_the_idle_exit_only_until_its_timeout() {
+    let tcp = tcp_listener();
+    let addr = Addr::Tcp(tcp.local_addr().unwrap());
+    let mut child = Launch::program(axum_hello())
+        .fd(&tcp)
+        .env("ACTIVATION_IDLE_TIMEOUT", IDLE)
+        .env("ACTIVATION_KEEP_ALIVE_TIMEOUT", "1s")
+        .spawn();
+    let mut conn = BufReader::new(dial(&addr).unwrap());
+    http_get(&mut conn, false).unwrap();
+    let t = Instant::now();
+    // Open and quiet: no idle exit yet (the connection counts).
+    std::thread::sleep(Duration::from_millis(600));
+    assert!(
+        child.child.try_wait().unwrap().is_none(),
+        "idle exit with a connection open"
+    );
+    // The server closes it after 1 s without a byte, then exits idle.
+    let mut rest = Vec::new();
+    conn.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t.elapsed()
+    );
+    child.assert_exit(0, DEADLINE);
+}
+
 /// The claim the idle exit rests on: when the service closes its copy of a passed listening
 /// socket, a connection queued in it (or arriving after) stays queued in the launcher's copy
 /// and is served by the next activation. TCP and unix.

@@ -25,15 +25,16 @@ use std::error::Error as StdError;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use ::tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use ::tokio::signal::unix::{Signal, SignalKind, signal};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 
 use super::{Error, Key, Listener, Options, Sockets, Stopped, Tracked, Tracker};
@@ -329,13 +330,14 @@ fn accept_any(listeners: &[TokioListener], cx: &mut Context<'_>) -> Poll<io::Res
 
 /// Serves HTTP/1 (keep-alive; no upgrades) with `service` (an axum `Router`, or any tower
 /// service of `http::Request<hyper::body::Incoming>`) on every listener, TCP and unix mixed,
-/// until idle or signalled (see [`TokioAcceptor`]); after a signal, open connections are asked
-/// to close after their current request and get [`Options::shutdown_grace`] to do so.
+/// until idle or signalled (see [`TokioAcceptor`]).
 ///
-/// Each connection counts as open (for the idle exit) until it is closed, keep-alive included;
-/// hyper's header read timeout (30 s) closes a connection that sends no complete request
-/// headers in that time, so a silent client cannot hold off the idle exit forever through the
-/// first request.
+/// Each connection counts as open (for the idle exit) until it is closed, keep-alive included.
+/// A keep-alive connection without a byte for [`Options::http_keep_alive_timeout`] is closed
+/// between requests; hyper's header read timeout (30 s) closes one that sends no complete
+/// request headers. After SIGTERM/SIGINT every connection is closed after its current
+/// response (idle ones at once), within [`Options::shutdown_grace`].
+///
 /// Returns why it stopped; exit with [`Stopped::exit_code`].
 pub async fn serve_http<S, B>(
     listeners: Vec<TokioListener>,
@@ -353,36 +355,129 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn StdError + Send + Sync>>,
 {
-    let grace = options.shutdown_grace;
+    let keep_alive = options.http_keep_alive_timeout;
     let mut acceptor = TokioAcceptor::new(listeners, options)?;
-    let graceful = GracefulShutdown::new();
+    let (shutdown, shutdown_rx) = ::tokio::sync::watch::channel(false);
     let service = TowerToHyperService::new(service);
+    let epoch = Instant::now();
     while let Some(stream) = acceptor.accept().await {
+        let last = Arc::new(AtomicU64::new(millis_since(epoch)));
+        let io = Active {
+            inner: stream,
+            last: last.clone(),
+            epoch,
+        };
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(stream), service.clone());
-        let conn = graceful.watch(conn);
+            .serve_connection(TokioIo::new(io), service.clone());
+        let mut shutdown_rx = shutdown_rx.clone();
         ::tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                log::debug!("connection: {e}");
+            let mut conn = std::pin::pin!(conn);
+            let mut closing = false;
+            loop {
+                let quiet_until = keep_alive
+                    .map(|t| epoch + Duration::from_millis(last.load(Ordering::Relaxed)) + t);
+                ::tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            log::debug!("connection: {e}");
+                        }
+                        return;
+                    }
+                    _ = shutdown_rx.changed(), if !closing => {
+                        conn.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    _ = sleep_until_opt(quiet_until), if !closing && quiet_until.is_some() => {
+                        if let Some(t) = keep_alive
+                            && epoch.elapsed()
+                                >= Duration::from_millis(last.load(Ordering::Relaxed)) + t
+                        {
+                            // Between requests this closes at once; with a request in
+                            // progress, after its response.
+                            conn.as_mut().graceful_shutdown();
+                            closing = true;
+                        }
+                    }
+                }
             }
         });
     }
-    let why = acceptor.finish_now();
-    Ok(match why {
-        Stopped::Idle => Stopped::Idle,
-        Stopped::Signalled { .. } => Stopped::Signalled {
-            drained: ::tokio::time::timeout(grace, graceful.shutdown())
-                .await
-                .is_ok(),
-        },
-    })
+    let _ = shutdown.send(true);
+    Ok(acceptor.finish().await)
 }
 
-impl TokioAcceptor {
-    fn finish_now(mut self) -> Stopped {
-        let why = self.stopped.unwrap_or(Stopped::Idle);
-        self.stop(why);
-        why
+fn millis_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => ::tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection that stamps the time of its last byte read or written.
+struct Active<S> {
+    inner: S,
+    last: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl<S> Active<S> {
+    fn stamp(&self) {
+        self.last.store(millis_since(self.epoch), Ordering::Relaxed);
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Active<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if r.is_ready() {
+            this.stamp();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Active<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if r.is_ready() {
+            this.stamp();
+        }
+        r
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if r.is_ready() {
+            this.stamp();
+        }
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 }
