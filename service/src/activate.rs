@@ -73,6 +73,9 @@ pub const SHUTDOWN_GRACE_VAR: &str = "ACTIVATION_SHUTDOWN_GRACE";
 /// [`Options::naive_idle_exit`]), to show what the right one prevents.
 #[doc(hidden)]
 pub const NAIVE_IDLE_EXIT_VAR: &str = "ACTIVATION_TEST_NAIVE_IDLE_EXIT";
+/// Test-only environment variable: [`Options::test_stop_delay`].
+#[doc(hidden)]
+pub const STOP_DELAY_VAR: &str = "ACTIVATION_TEST_STOP_DELAY";
 /// Environment variable: [`Options::http_keep_alive_timeout`] (`0` = never).
 pub const KEEP_ALIVE_TIMEOUT_VAR: &str = "ACTIVATION_KEEP_ALIVE_TIMEOUT";
 /// Default [`Options::http_keep_alive_timeout`].
@@ -692,6 +695,10 @@ pub struct Options {
     /// show the requests this loses. Never set it in a real server.
     #[doc(hidden)]
     pub naive_idle_exit: bool,
+    /// **Test only:** after an idle stop (listeners already closed), wait this long before
+    /// returning, to widen the window in which clients arrive while the process is stopping.
+    #[doc(hidden)]
+    pub test_stop_delay: Option<Duration>,
 }
 
 impl Default for Options {
@@ -703,6 +710,7 @@ impl Default for Options {
             notify: true,
             http_keep_alive_timeout: Some(DEFAULT_HTTP_KEEP_ALIVE_TIMEOUT),
             naive_idle_exit: false,
+            test_stop_delay: None,
         }
     }
 }
@@ -740,6 +748,7 @@ impl Options {
                 None => Some(DEFAULT_HTTP_KEEP_ALIVE_TIMEOUT),
             },
             naive_idle_exit: std::env::var(NAIVE_IDLE_EXIT_VAR).is_ok_and(|v| v == "1"),
+            test_stop_delay: read(STOP_DELAY_VAR),
         }
     }
 
@@ -929,7 +938,12 @@ impl Acceptor {
         let why = self.stopped.unwrap_or(Stopped::Idle);
         self.stop(why);
         match why {
-            Stopped::Idle => Stopped::Idle,
+            Stopped::Idle => {
+                if let Some(d) = self.options.test_stop_delay {
+                    std::thread::sleep(d);
+                }
+                Stopped::Idle
+            }
             Stopped::Signalled { .. } => Stopped::Signalled {
                 drained: self.tracker.wait_closed(self.options.shutdown_grace),
             },

@@ -952,3 +952,71 @@ fn race_threadpool_echo_across_idle_exits_loses_nothing() {
     assert!(r.activations >= 13, "only {} activations", r.activations);
     assert!(r.bad_exits.is_empty(), "exits not 0: {:?}", r.bad_exits);
 }
+
+/// Clients that arrive right at the idle decision: each of 4 services (own launcher) gets one
+/// request every 190..240 ms with an idle timeout of 200 ms, so each arrival lands just before
+/// the decision (served by the running process, which then does not exit), just after it (queued
+/// while the process stops, served by the next one), or after the exit. None may fail. Two of
+/// the four linger 30 ms between closing their listeners and exiting (a test-only delay) to
+/// widen the "arrived while stopping" window.
+#[test]
+fn race_arrivals_right_at_the_idle_decision_lose_nothing() {
+    let results: Vec<_> = (0..4u64)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let tcp = tcp_listener();
+                let addr = Addr::Tcp(tcp.local_addr().unwrap());
+                let launcher = Rearming::start(
+                    axum_hello(),
+                    vec![OwnedFd::from(tcp)],
+                    "web",
+                    if k % 2 == 0 {
+                        vec![("ACTIVATION_IDLE_TIMEOUT", IDLE)]
+                    } else {
+                        vec![
+                            ("ACTIVATION_IDLE_TIMEOUT", IDLE),
+                            ("ACTIVATION_TEST_STOP_DELAY", "30ms"),
+                        ]
+                    },
+                );
+                let tally = Tally::default();
+                let mut rng = Rng(0x2545_f491_4f6c_dd1d ^ ((k + 1) * 0x9e37_79b9));
+                for _ in 0..50 {
+                    tally.record(get_once(&addr));
+                    std::thread::sleep(Duration::from_millis(190 + rng.below(51)));
+                }
+                std::thread::sleep(Duration::from_millis(400));
+                let (activations, bad_exits, queued) = launcher.finish();
+                let errors = tally.errors.lock().unwrap().clone();
+                (
+                    tally.ok.load(Ordering::Relaxed),
+                    tally.failed.load(Ordering::Relaxed),
+                    activations,
+                    queued,
+                    bad_exits,
+                    errors,
+                )
+            })
+        })
+        .collect();
+    let (mut ok, mut failed, mut activations, mut queued) = (0, 0, 0, 0);
+    for r in results {
+        let (o, f, a, q, bad, errors) = r.join().unwrap();
+        assert!(bad.is_empty(), "exits not 0: {bad:?}");
+        assert!(errors.is_empty(), "{errors:?}");
+        ok += o;
+        failed += f;
+        activations += a;
+        queued += q;
+    }
+    eprintln!(
+        "race at the decision: {ok} ok, {failed} failed, {activations} activations, {queued} exits \
+         with a client already queued for the next one"
+    );
+    assert_eq!(failed, 0);
+    assert_eq!(ok, 200);
+    assert!(
+        queued >= 5,
+        "only {queued} clients arrived while a process was stopping: the window was not exercised"
+    );
+}

@@ -305,7 +305,12 @@ impl TokioAcceptor {
         let why = self.stopped.unwrap_or(Stopped::Idle);
         self.stop(why);
         match why {
-            Stopped::Idle => Stopped::Idle,
+            Stopped::Idle => {
+                if let Some(d) = self.options.test_stop_delay {
+                    ::tokio::time::sleep(d).await;
+                }
+                Stopped::Idle
+            }
             Stopped::Signalled { .. } => {
                 let deadline = ::tokio::time::Instant::now() + self.options.shutdown_grace;
                 while self.tracker.open() > 0 && ::tokio::time::Instant::now() < deadline {
