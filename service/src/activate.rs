@@ -843,19 +843,10 @@ impl Acceptor {
 
     fn stop(&mut self, why: Stopped) {
         if self.stopped.is_none() {
-            log::info!(
-                "{}: not accepting any more",
-                match why {
-                    Stopped::Idle => "idle",
-                    Stopped::Signalled { .. } => "signalled",
-                }
-            );
+            announce_stop(&why, self.options.notify);
             self.stopped = Some(why);
             // Our copies only: the launcher's copies keep their queues.
             self.listeners.clear();
-            if self.options.notify {
-                notify::stopping();
-            }
         }
     }
 
@@ -1003,5 +994,18 @@ mod tests {
         drop(g);
         assert!(t.idle_for().is_some());
         assert!(t.wait_closed(Duration::ZERO));
+    }
+}
+
+/// One log line when an acceptor stops accepting, and `STOPPING=1` when asked (both the std
+/// and the tokio acceptor).
+pub(crate) fn announce_stop(why: &Stopped, notify: bool) {
+    let word = match why {
+        Stopped::Idle => "idle",
+        Stopped::Signalled { .. } => "signalled",
+    };
+    log::info!("{word}: not accepting any more");
+    if notify {
+        notify::stopping();
     }
 }

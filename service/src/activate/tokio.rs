@@ -237,19 +237,10 @@ impl TokioAcceptor {
 
     fn stop(&mut self, why: Stopped) {
         if self.stopped.is_none() {
-            log::info!(
-                "{}: not accepting any more",
-                match why {
-                    Stopped::Idle => "idle",
-                    Stopped::Signalled { .. } => "signalled",
-                }
-            );
+            super::announce_stop(&why, self.options.notify);
             self.stopped = Some(why);
             // Closes our copies only; the launcher's copies keep their queues.
             self.listeners.clear();
-            if self.options.notify {
-                notify::stopping();
-            }
         }
     }
 

@@ -11,21 +11,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-fn ctl(args: &[&str], control: &Path) -> Output {
-    Command::new(superserver_bin())
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .unwrap()
-}
-
-fn status_json(control: &Path) -> serde_json::Value {
-    let out = ctl(&["status", "--json"], control);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 fn service<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
     status["services"]
         .as_array()

@@ -419,3 +419,20 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// A control command (`status`, `reload`, `stop`, `upgrade`) against the socket at `control`.
+pub fn ctl(args: &[&str], control: &Path) -> std::process::Output {
+    Command::new(superserver_bin())
+        .args(args)
+        .arg("--control")
+        .arg(control)
+        .output()
+        .unwrap()
+}
+
+/// `superserver status --json`, which must answer.
+pub fn status_json(control: &Path) -> serde_json::Value {
+    let out = ctl(&["status", "--json"], control);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}

@@ -13,21 +13,6 @@ use std::time::{Duration, Instant};
 
 use crate::harness::*;
 
-fn ctl(args: &[&str], control: &Path) -> Output {
-    Command::new(superserver_bin())
-        .args(args)
-        .arg("--control")
-        .arg(control)
-        .output()
-        .unwrap()
-}
-
-fn status(control: &Path) -> serde_json::Value {
-    let out = ctl(&["status", "--json"], control);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    serde_json::from_slice(&out.stdout).unwrap()
-}
-
 #[test]
 fn an_upgrade_under_load_refuses_nobody_and_keeps_the_children() {
     let (w, wait_addr) = tcp_listener("127.0.0.1");
@@ -92,7 +77,7 @@ fn an_upgrade_under_load_refuses_nobody_and_keeps_the_children() {
         new,
         "the same process runs the new binary"
     );
-    let st = status(&control);
+    let st = status_json(&control);
     assert_eq!(st["upgrades"], 1);
     let day = st["services"]
         .as_array()
@@ -154,7 +139,7 @@ fn a_bad_new_binary_leaves_the_old_one_serving() {
         assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
         assert_eq!(read_line(addr).unwrap().0.trim(), "x", "still serving");
     }
-    assert_eq!(status(&control)["upgrades"], 0);
+    assert_eq!(status_json(&control)["upgrades"], 0);
     assert_eq!(
         std::fs::read_link(format!("/proc/{}/exe", server.pid)).unwrap(),
         superserver_bin().canonicalize().unwrap()
@@ -279,7 +264,7 @@ fn upgrades_in_a_row_keep_sessions_limits_and_every_client() {
             "",
             "round {round}: max_per_source"
         );
-        let st = status(&control);
+        let st = status_json(&control);
         assert_eq!(st["upgrades"], round as u64 + 1);
         let quick = st["services"]
             .as_array()
