@@ -950,6 +950,19 @@ impl Drop for Acceptor {
     }
 }
 
+/// One log line when an acceptor stops accepting, and `STOPPING=1` when asked (both the std
+/// and the tokio acceptor).
+pub(crate) fn announce_stop(why: &Stopped, notify: bool) {
+    let word = match why {
+        Stopped::Idle => "idle",
+        Stopped::Signalled { .. } => "signalled",
+    };
+    log::info!("{word}: not accepting any more");
+    if notify {
+        notify::stopping();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -994,18 +1007,5 @@ mod tests {
         drop(g);
         assert!(t.idle_for().is_some());
         assert!(t.wait_closed(Duration::ZERO));
-    }
-}
-
-/// One log line when an acceptor stops accepting, and `STOPPING=1` when asked (both the std
-/// and the tokio acceptor).
-pub(crate) fn announce_stop(why: &Stopped, notify: bool) {
-    let word = match why {
-        Stopped::Idle => "idle",
-        Stopped::Signalled { .. } => "signalled",
-    };
-    log::info!("{word}: not accepting any more");
-    if notify {
-        notify::stopping();
     }
 }
