@@ -409,6 +409,7 @@ impl<S: Source> Daemon<S> {
             self.retry_binds(i);
         }
         self.rearm(i);
+        self.scale_up(i);
     }
 
     // ---------------------------------------------------------------- readiness

@@ -3,13 +3,17 @@
 
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use superserver_config::Handoff;
+use superserver_config::{Handoff, Mode};
 
 use crate::children::{self, Child, Exit, Kind};
 use crate::daemon::*;
 use crate::spawn::Fds;
+
+/// How long a queue may wait for the running wait-mode processes before one more starts
+/// (`instances` > 1).
+const SCALE_CHECK: Duration = Duration::from_millis(50);
 
 impl<S: Source> Daemon<S> {
     /// Wait mode: a socket became readable, start the service with all its sockets (one
@@ -71,6 +75,13 @@ impl<S: Source> Daemon<S> {
                 );
                 self.services[i].wait_children.push(pid);
                 self.rearm(i);
+                // With `instances` > 1: look again shortly; a backlog that the running
+                // processes have not taken by then starts one more.
+                let svc = &self.services[i];
+                if svc.wait_children.len() < svc.def.instances as usize {
+                    let id = svc.id;
+                    self.add_timer(Instant::now() + SCALE_CHECK, Timer::Service(id));
+                }
             }
             Err(e) => {
                 let what = svc.template.what();
@@ -80,6 +91,28 @@ impl<S: Source> Daemon<S> {
                 let backoff = self.failed_activation(i);
                 log::error!("{name}: cannot start {what}: {e}; {backoff}");
             }
+        }
+    }
+
+    /// `instances` > 1: while connections stay queued that the running processes do not take,
+    /// start one more (the readiness of a listener is an edge: a queue that was already there
+    /// when the first process started reports nothing new).
+    pub(crate) fn scale_up(&mut self, i: usize) {
+        let svc = &self.services[i];
+        if svc.def.mode != Mode::Wait
+            || svc.wait_children.is_empty()
+            || svc.wait_children.len() >= svc.def.instances as usize
+            || !svc.armed
+        {
+            return;
+        }
+        let fds: Vec<RawFd> = svc
+            .slots
+            .iter()
+            .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
+            .collect();
+        if any_readable(&fds) {
+            self.activate(i);
         }
     }
 
