@@ -222,6 +222,10 @@ for t in ("c1", "c32"):
     trow(f"wait C={t[1:]} conn/s: superserver→small-services ÷ small-services binding itself", r, "≥ 0.97×", verdict(r, 0.97))
 
 
+st99 = [r["data"]["p99_ms"] for r in ok_data("superserver-1000", "status")]
+if st99:
+    m = med(st99)
+    P(f"| `superserver status` with 1,000 services, end to end: p99 {fmt(m, 2)} ms (median over reps of the p99 of 200 requests) | {fmt(m, 2)} ms | < 5 ms | {'**pass**' if m < 5 else '**FAIL**'} |")
 ups = [v for r in ok_data("superserver-1000", "upgrade") for v in r["data"].get("upgrade_ms", [])]
 if ups:
     m = med(ups)
