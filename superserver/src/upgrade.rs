@@ -307,7 +307,9 @@ impl<S: Source> Daemon<S> {
             return Err(format!("{}: give an absolute path", binary.display()));
         }
         let saved = self.save();
-        let state = serde_json::to_vec(&saved).map_err(|e| format!("upgrade state: {e}"))?;
+        let mut buf = crate::control::JsonBuf(Vec::with_capacity(64 * 1024));
+        serde_json::to_writer(&mut buf, &saved).map_err(|e| format!("upgrade state: {e}"))?;
+        let state = buf.0;
         preflight(&binary, &state)?;
         let memfd = memfd_with(&state)?;
         log::info!(
