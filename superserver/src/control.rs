@@ -86,6 +86,17 @@ pub(crate) struct Control {
     next: usize,
     /// `control_group`: members may read `status`.
     group: Option<u32>,
+    /// The default directory this process created for the socket, removed (if empty) at exit.
+    made_dir: Option<PathBuf>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        drop(self.socket.take()); // removes the socket file first
+        if let Some(dir) = &self.made_dir {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 impl Control {
@@ -93,10 +104,8 @@ impl Control {
     /// control path a live superserver holds, or a metrics address in use, is logged once and
     /// the superserver serves without it.
     pub(crate) fn open(global: &superserver_config::Global, registry: &Registry) -> Control {
-        let mut control = Control {
-            group: global.control_group,
-            ..Control::default()
-        };
+        let mut control = Control::default();
+        control.group = global.control_group;
         let path = match &global.control {
             superserver_config::Control::Off => None,
             superserver_config::Control::Path(p) => Some(p.clone()),
@@ -113,7 +122,13 @@ impl Control {
                     } else {
                         0o700
                     };
-                    let _ = std::fs::DirBuilder::new().mode_compat(mode).create(dir);
+                    if std::fs::DirBuilder::new()
+                        .mode_compat(mode)
+                        .create(dir)
+                        .is_ok()
+                    {
+                        control.made_dir = Some(dir.to_path_buf());
+                    }
                 }
                 p
             }
