@@ -533,12 +533,7 @@ impl Validator<'_> {
                 Ok(found) => {
                     for m in found {
                         match m {
-                            Ok(path) => {
-                                if seen.insert(std::fs::canonicalize(&path).unwrap_or(path.clone()))
-                                {
-                                    out.push(path);
-                                }
-                            }
+                            Ok(path) => read_once(path, &mut seen, &mut out),
                             Err(m) => self.done[0].error(item.span(), key, m),
                         }
                     }
@@ -569,12 +564,7 @@ impl Validator<'_> {
                 Ok(found) => {
                     for m in found {
                         match m {
-                            Ok(path) => {
-                                if seen.insert(std::fs::canonicalize(&path).unwrap_or(path.clone()))
-                                {
-                                    out.push(path);
-                                }
-                            }
+                            Ok(path) => read_once(path, &mut seen, &mut out),
                             Err(m) => {
                                 let r = standalone(dir, m);
                                 self.done.push(r);
@@ -1815,6 +1805,14 @@ fn clean_serde_message(msg: &str) -> String {
         msg = msg.replace(from, to);
     }
     msg
+}
+
+/// Add a matched drop-in to the files to read, unless it is already there (compared by
+/// canonical path: a file matched twice, or the main file, is read once).
+fn read_once(path: PathBuf, seen: &mut HashSet<PathBuf>, out: &mut Vec<PathBuf>) {
+    if seen.insert(std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone())) {
+        out.push(path);
+    }
 }
 
 #[cfg(test)]

@@ -169,6 +169,15 @@ impl Svc {
         }
     }
 
+    /// The descriptors of its bound sockets, in config order (what a wait-mode process is
+    /// handed, and what is polled for a waiting connection).
+    pub(crate) fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.slots
+            .iter()
+            .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
+            .collect()
+    }
+
     /// Processes running now.
     pub(crate) fn live(&self) -> u32 {
         match self.def.mode {

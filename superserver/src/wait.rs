@@ -24,11 +24,7 @@ impl<S: Source> Daemon<S> {
             return;
         }
         let svc = &self.services[i];
-        let fds: Vec<RawFd> = svc
-            .slots
-            .iter()
-            .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
-            .collect();
+        let fds: Vec<RawFd> = svc.fds();
         let names: Vec<&str> = svc
             .slots
             .iter()
@@ -106,11 +102,7 @@ impl<S: Source> Daemon<S> {
         {
             return;
         }
-        let fds: Vec<RawFd> = svc
-            .slots
-            .iter()
-            .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
-            .collect();
+        let fds: Vec<RawFd> = svc.fds();
         if any_readable(&fds) {
             self.activate(i);
         }
@@ -165,11 +157,7 @@ impl<S: Source> Daemon<S> {
         };
         svc.wait_children.swap_remove(pos);
         let others = !svc.wait_children.is_empty();
-        let fds: Vec<RawFd> = svc
-            .slots
-            .iter()
-            .filter_map(|s| s.bound.as_ref().map(|b| b.fd()))
-            .collect();
+        let fds: Vec<RawFd> = svc.fds();
         let pending = any_readable(&fds);
         // Quick and leaving connections queued that no other instance will take: it
         // did not do its job.

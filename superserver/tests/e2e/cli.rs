@@ -142,12 +142,5 @@ fn check_passes_while_serving(server: &Server) -> String {
         .arg(server.dir.path().join("superserver.toml"))
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    success_stdout(out)
 }

@@ -436,3 +436,15 @@ pub fn status_json(control: &Path) -> serde_json::Value {
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The stdout of a command that must have exited 0 (its output is the failure message).
+pub fn success_stdout(out: std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -23,14 +23,7 @@ fn import(args: &[&str]) -> Output {
 /// The TOML of a successful import.
 fn imported(args: &[&str]) -> String {
     let out = import(args);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    success_stdout(out)
 }
 
 /// The lines of table `[service.NAME]` up to the next blank line, `None` when absent.
