@@ -86,6 +86,23 @@ impl std::fmt::Display for Version {
     }
 }
 
+/// One trusted balancer or network, as written on a command line: `10.0.0.2`, `10.0.0.0/24`,
+/// `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trusted(pub IpNet);
+
+impl FromStr for Trusted {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let net = if s.contains('/') {
+            s.parse::<IpNet>().map_err(|e| format!("{s:?}: {e}"))?
+        } else {
+            IpNet::from(s.parse::<IpAddr>().map_err(|e| format!("{s:?}: {e}"))?)
+        };
+        Ok(Trusted(net.trunc()))
+    }
+}
+
 /// Who may send a header, which versions, and how long it may take.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rules {

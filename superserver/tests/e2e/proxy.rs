@@ -350,3 +350,39 @@ fn the_agent_tells_the_balancer_what_each_service_can_take() {
     let out = ctl(&["drain", "nope"], &control);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+/// A wait-mode service reads the header itself: small-services --proxy-protocol under the
+/// superserver serves the balancer's clients, refuses an untrusted peer and a garbage header
+/// without serving them, and its log names the client.
+#[test]
+fn a_wait_service_reads_the_header_through_the_library() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let config = format!(
+        "[service.echo]\nexec = [\"{{SMALL}}\", \"--protocol\", \"echo\", \"--proxy-protocol\", \"any\", \"--proxy-from\", \"127.0.0.2\", \"--proxy-timeout\", \"500ms\"]\nlisten = \"{addr}\"\n"
+    );
+    let server = Server::start(&config, vec![l]);
+    let mut s = connect_from("127.0.0.2", addr).unwrap();
+    s.write_all(&v2([203, 0, 113, 7], 4242, [192, 0, 2, 1], 7, 0))
+        .unwrap();
+    s.write_all(b"through the balancer\n").unwrap();
+    assert_eq!(line_of(&s).unwrap(), "through the balancer\n");
+    drop(s);
+    server.wait_log("peer 203.0.113.7:4242 via 127.0.0.2:");
+    // Untrusted, garbage, silent: nothing echoed.
+    for (from, bytes) in [
+        (
+            "127.0.0.3",
+            &b"PROXY TCP4 203.0.113.7 192.0.2.1 1 7\r\nhi\n"[..],
+        ),
+        ("127.0.0.2", &b"hi\n"[..]),
+        ("127.0.0.2", &b""[..]),
+    ] {
+        let mut s = connect_from(from, addr).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(out.is_empty(), "{from} {bytes:?}: {out:?}");
+    }
+    server.wait_log_all(&["127.0.0.3", "not in --proxy-from"]);
+    server.wait_log("no complete PROXY header");
+}
