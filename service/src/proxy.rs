@@ -397,6 +397,61 @@ pub fn read_blocking<S: AsRawFd>(
     }
 }
 
+/// [`read_blocking`] for tokio (feature `tokio`): check the balancer, wait (up to the timeout,
+/// without blocking the runtime) for the header, consume it.
+///
+/// ```no_run
+/// # async fn f(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+/// use small_services::proxy::{self, Header, Rules, Version};
+/// let rules = Rules {
+///     version: Version::V2,
+///     from: vec!["10.0.0.2/32".parse().unwrap()],
+///     timeout: proxy::DEFAULT_TIMEOUT,
+/// };
+/// let (stream, peer) = listener.accept().await?;
+/// let client = match proxy::read_async(&stream, peer, &rules).await? {
+///     Ok(Header::Proxied { source, .. }) => source,
+///     Ok(_) => peer, // LOCAL or UNKNOWN: the connection's own address
+///     Err(refused) => return Ok(eprintln!("{peer}: {refused}")), // drop it unserved
+/// };
+/// # let _ = client; Ok(()) }
+/// ```
+#[cfg(feature = "tokio")]
+pub async fn read_async(
+    stream: &tokio::net::TcpStream,
+    peer: SocketAddr,
+    rules: &Rules,
+) -> io::Result<Result<Header, Refused>> {
+    if !rules.trusts(peer.ip()) {
+        return Ok(Err(Refused::Untrusted(peer.ip())));
+    }
+    let version = rules.version;
+    let read = async {
+        loop {
+            stream.readable().await?;
+            // An incomplete header is reported as WouldBlock so that tokio forgets the
+            // readiness and the next `readable` waits for more bytes instead of spinning.
+            let step = stream.try_io(tokio::io::Interest::READABLE, || {
+                match try_read(&socket2::SockRef::from(stream), version)? {
+                    Step::More => Err(io::ErrorKind::WouldBlock.into()),
+                    step => Ok(step),
+                }
+            });
+            match step {
+                Ok(Step::Done { header, .. }) => return Ok(Ok(header)),
+                Ok(Step::Invalid(why)) => return Ok(Err(Refused::Invalid(why))),
+                Ok(Step::More) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(rules.timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Ok(Err(Refused::Timeout)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,6 +557,55 @@ mod tests {
         let mut bad = h.clone();
         bad[12] = 0x31;
         assert!(matches!(parse(Version::V2, &bad), Step::Invalid(_)));
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn read_async_waits_for_pieces_and_times_out() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let rules = Rules {
+                version: Version::Any,
+                from: vec!["127.0.0.0/8".parse().unwrap()],
+                timeout: Duration::from_millis(300),
+            };
+            let client = std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                let h = b"PROXY TCP4 203.0.113.7 192.0.2.1 40112 80\r\nafter";
+                c.write_all(&h[..9]).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                c.write_all(&h[9..]).unwrap();
+                c
+            });
+            let (s, peer) = l.accept().await.unwrap();
+            let got = read_async(&s, peer, &rules).await.unwrap();
+            assert_eq!(
+                got,
+                Ok(Header::Proxied {
+                    source: "203.0.113.7:40112".parse().unwrap(),
+                    destination: "192.0.2.1:80".parse().unwrap()
+                })
+            );
+            let _c = client.join().unwrap();
+            let s = s.into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            let mut rest = [0u8; 5];
+            (&s).read_exact(&mut rest).unwrap();
+            assert_eq!(&rest, b"after");
+            // Silent: refused at the timeout.
+            let _silent = std::net::TcpStream::connect(addr).unwrap();
+            let (s, peer) = l.accept().await.unwrap();
+            assert_eq!(
+                read_async(&s, peer, &rules).await.unwrap(),
+                Err(Refused::Timeout)
+            );
+        });
     }
 
     #[test]
