@@ -386,3 +386,34 @@ fn a_wait_service_reads_the_header_through_the_library() {
     server.wait_log_all(&["127.0.0.3", "not in --proxy-from"]);
     server.wait_log("no complete PROXY header");
 }
+
+/// A connection whose header is half-sent when the superserver upgrades in place is carried
+/// across the exec: the rest arrives at the new image and the client is served.
+#[test]
+fn a_header_in_flight_survives_an_upgrade() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let config = format!(
+        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\n\
+         [service.who]\nmode = \"nowait\"\n{WHO}\nlisten = \"{addr}\"\nproxy_protocol = \"v2\"\nproxy_from = [\"127.0.0.2\"]\nproxy_timeout = \"20s\"\n"
+    );
+    let server = Server::start(&config, vec![l]);
+    let control = server.dir.path().join("ctl");
+    let header = v2([203, 0, 113, 7], 4242, [192, 0, 2, 1], 80, 0);
+    let mut s = connect_from("127.0.0.2", addr).unwrap();
+    s.write_all(&header[..10]).unwrap();
+    wait_until("the header is waited for", || {
+        status_json(&control)["services"][0]["counters"]["accepted"] == 1
+    });
+    let new = server.dir.path().join("superserver-new");
+    std::fs::copy(superserver_bin(), &new).unwrap();
+    success_stdout(ctl(
+        &["upgrade", "--binary", new.to_str().unwrap()],
+        &control,
+    ));
+    s.write_all(&header[10..]).unwrap();
+    s.write_all(b"after the upgrade\n").unwrap();
+    assert_eq!(
+        line_of(&s).unwrap(),
+        "203.0.113.7 4242 203.0.113.7 192.0.2.1 80 127.0.0.2\n"
+    );
+}
