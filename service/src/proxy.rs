@@ -45,8 +45,12 @@ pub use ipnet::IpNet;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest v1 header, CRLF included.
 pub const MAX_V1: usize = 107;
-/// The longest v2 header: 16 fixed bytes and a 16-bit length of addresses and TLVs.
-pub const MAX_V2: usize = 16 + 65535;
+/// The longest v2 header accepted. The format allows 16 + 65535 bytes; balancers send the
+/// addresses and a few TLVs (HAProxy's SSL and unique-id TLVs included, well under 1 KiB).
+/// The bound matters because an incomplete header is peeked again on every readable event:
+/// a trusted balancer trickling a 64 KiB header byte by byte would cost gigabytes of copying
+/// within its timeout, a 4 KiB one at most 16 MB.
+pub const MAX_V2: usize = 4096;
 /// What is peeked first: the spec's recommended buffer, enough for v1 and for v2 with the
 /// usual TLVs; a longer v2 header is peeked again at its announced length.
 const FIRST_PEEK: usize = 536;
@@ -299,9 +303,14 @@ pub fn try_read(socket: &socket2::Socket, version: Version) -> io::Result<Step> 
             }
             Step::More => {
                 let want = wanted(seen);
+                if want > MAX_V2 {
+                    return Ok(Step::Invalid(format!(
+                        "a PROXY v2 header of {want} bytes (at most {MAX_V2} are accepted)"
+                    )));
+                }
                 if want > buf.len() && n == buf.len() {
                     // A long v2 header: look again at its whole length.
-                    buf.resize(want.min(MAX_V2), MaybeUninit::uninit());
+                    buf.resize(want, MaybeUninit::uninit());
                     continue;
                 }
                 return Ok(Step::More);
@@ -606,6 +615,23 @@ mod tests {
                 Err(Refused::Timeout)
             );
         });
+    }
+
+    #[test]
+    fn an_oversized_v2_header_is_refused_before_it_is_all_there() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let mut h = v2_header(1, 0x11, &v4_addrs(), &[]);
+        h[14..16].copy_from_slice(&60000u16.to_be_bytes()); // announces 60,000 bytes
+        c.write_all(&h).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let s = socket2::Socket::from(s);
+        s.set_nonblocking(true).unwrap();
+        assert!(
+            matches!(try_read(&s, Version::V2).unwrap(), Step::Invalid(ref why) if why.contains("60016 bytes")),
+        );
     }
 
     #[test]

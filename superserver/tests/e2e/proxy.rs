@@ -291,7 +291,7 @@ fn the_agent_tells_the_balancer_what_each_service_can_take() {
         .parse()
         .unwrap();
     let config = format!(
-        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\nagent = \"{agent_addr}\"\n\n\
+        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\nagent = \"{agent_addr}\"\nrestart_backoff_min = \"2s\"\n\n\
          [service.web]\nmode = \"nowait\"\nexec = [\"/bin/sh\", \"-c\", \"read x; echo $x\"]\nlisten = \"{addr}\"\nmax_instances = 5\nproxy_protocol = \"v1\"\nproxy_from = [\"127.0.0.2\"]\n\n\
          [service.broken]\nexec = [\"/bin/false\"]\nlisten = \"{wait_addr}\"\n"
     );
@@ -316,7 +316,7 @@ fn the_agent_tells_the_balancer_what_each_service_can_take() {
     assert_eq!(agent(agent_addr, "web\n"), "up ready maxconn:5\n");
     // The wait-mode service that keeps failing backs off: down, with the reason.
     let _ = TcpStream::connect(wait_addr);
-    server.wait_log("broken: back-off");
+    server.wait_log_all(&["broken: pid", "back-off: next start"]);
     assert!(
         agent(agent_addr, "broken\n").starts_with("down#backing off"),
         "backing off"
