@@ -36,6 +36,9 @@ pub(crate) const SIGNALS: Token = Token(0);
 pub(crate) const QUICK_EXIT: Duration = Duration::from_secs(1);
 /// Pause accepting after `EMFILE`/`ENFILE` rather than spinning on a readable listener.
 pub(crate) const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// Connections a nowait listener accepts per turn of the loop before the others (signals,
+/// reaping, timers, other services, the control socket) get theirs.
+pub(crate) const ACCEPT_BATCH: usize = 16;
 
 /// Where the configuration comes from, so that SIGHUP can read it again.
 pub trait Source {
@@ -99,6 +102,8 @@ pub struct Daemon<S: Source> {
     pub(crate) headers: crate::proxy::Headers,
     /// `superserver drain` without a service: the agent answers `drain` for every one.
     pub(crate) drained_all: bool,
+    /// Nowait listeners (service id, slot) that still had connections queued after a batch.
+    pub(crate) more: Vec<(u64, usize)>,
 }
 
 impl<S: Source> Daemon<S> {
@@ -171,6 +176,7 @@ impl<S: Source> Daemon<S> {
             last_upgrade_error: None,
             headers: Default::default(),
             drained_all: false,
+            more: Vec::new(),
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
@@ -277,6 +283,9 @@ impl<S: Source> Daemon<S> {
                 let t = logging::FLUSH_INTERVAL;
                 timeout = Some(timeout.map_or(t, |d| d.min(t)));
             }
+            if !self.more.is_empty() {
+                timeout = Some(Duration::ZERO); // a listener has more queued: no sleep
+            }
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -298,6 +307,7 @@ impl<S: Source> Daemon<S> {
                 }
             }
             self.fire_timers();
+            self.accept_more();
             if let Some(binary) = self.pending_upgrade.take() {
                 self.last_upgrade_error = None;
                 if let Err(e) = self.upgrade(binary) {

@@ -18,9 +18,13 @@ use crate::proxy::Via;
 use crate::spawn::Fds;
 
 impl<S: Source> Daemon<S> {
-    /// Nowait: accept every pending connection the limits allow.
+    /// Nowait: accept the pending connections the limits allow, at most [`ACCEPT_BATCH`] per
+    /// turn of the loop: under steady load the queue never empties, and reaping, timers, the
+    /// control socket and the agent must get their turn. A listener with more to take is
+    /// noted in `more`, and the loop polls again without sleeping (mio is edge-triggered: no
+    /// new event would come for what is already queued).
     pub(crate) fn accept_all(&mut self, i: usize, slot: usize) {
-        loop {
+        for _ in 0..ACCEPT_BATCH {
             if !self.services[i].armed {
                 return;
             }
@@ -61,6 +65,22 @@ impl<S: Source> Daemon<S> {
                 }
             };
             self.connection(i, slot, conn, peer.as_socket());
+        }
+        let id = self.services[i].id;
+        if !self.more.contains(&(id, slot)) {
+            self.more.push((id, slot));
+        }
+    }
+
+    /// Listeners that had more queued at the end of their batch: take the next batch.
+    pub(crate) fn accept_more(&mut self) {
+        for (id, slot) in std::mem::take(&mut self.more) {
+            if let Some(i) = self.find(id)
+                && self.services[i].armed
+                && self.services[i].def.mode == superserver_config::Mode::Nowait
+            {
+                self.accept_all(i, slot);
+            }
         }
     }
 
