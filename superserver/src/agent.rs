@@ -82,12 +82,13 @@ impl<S: Source> Daemon<S> {
     /// `drain`/`undrain` (`on`) of `names`, or of the whole host when empty. Returns the
     /// services now drained, or the names that are not services.
     pub(crate) fn drain(&mut self, names: &[&str], on: bool) -> Result<Vec<String>, String> {
-        let unknown: Vec<&&str> = names
+        let unknown: Vec<&str> = names
             .iter()
-            .filter(|n| !self.services.iter().any(|s| s.def.name == ***n))
+            .copied()
+            .filter(|n| !self.services.iter().any(|s| s.def.name == *n))
             .collect();
         if !unknown.is_empty() {
-            return Err(format!("no such service: {unknown:?}"));
+            return Err(format!("no such service: {}", unknown.join(", ")));
         }
         if names.is_empty() {
             self.drained_all = on;

@@ -369,7 +369,10 @@ impl<S: Source> Daemon<S> {
             }
             let t0 = Instant::now();
             let answer = if client.input.len() > MAX_REQUEST {
-                answer_error("request too long")
+                match client.kind {
+                    Kind::Agent => b"down#request too long\n".to_vec(),
+                    _ => answer_error("request too long"),
+                }
             } else {
                 let input = std::mem::take(&mut client.input);
                 match client.kind {
@@ -498,7 +501,8 @@ impl<S: Source> Daemon<S> {
                     .filter(|a| !self.services.iter().any(|s| s.def.name == ***a))
                     .collect();
                 if !unknown.is_empty() {
-                    return answer_error(&format!("no such service: {unknown:?}"));
+                    let unknown: Vec<&str> = unknown.iter().map(|s| **s).collect();
+                    return answer_error(&format!("no such service: {}", unknown.join(", ")));
                 }
                 self.status_answer(&args)
             }
@@ -544,6 +548,7 @@ impl<S: Source> Daemon<S> {
                 match self.drain(&args, on) {
                     Ok(drained) => to_line(&json!({
                         "version": 1, "ok": true, "drained": drained,
+                        "drained_all": self.drained_all,
                         "agent": self.global.agent.map(|a| a.to_string()),
                     })),
                     Err(e) => answer_error(&e),

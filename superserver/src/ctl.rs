@@ -243,6 +243,12 @@ pub fn drain(args: DrainArgs, on: bool) -> Result<(), u8> {
     } else {
         print(&format!("draining: {} ({agent})\n", drained.join(", ")));
     }
+    if !on && !args.services.is_empty() && answer["drained_all"] == Value::Bool(true) {
+        eprintln!(
+            "note: the whole host is drained (superserver drain without a service), which \
+             covers every service; `superserver undrain` without a service ends it"
+        );
+    }
     Ok(())
 }
 
