@@ -43,6 +43,8 @@ pub struct Global {
     pub control_group: Option<u32>,
     /// Where Prometheus metrics are served (`metrics`, off by default).
     pub metrics: Option<SocketAddr>,
+    /// Where HAProxy's `agent-check` is answered (`agent`, off by default).
+    pub agent: Option<SocketAddr>,
 }
 
 /// Where the control socket is.
@@ -316,6 +318,28 @@ pub struct Service {
     pub log_peer: LogPeer,
     /// `socket_mode`, `socket_user`, `socket_group` for `unix:` listeners.
     pub unix_socket: UnixSocketOptions,
+    /// nowait: connections start with a PROXY protocol header from a trusted balancer
+    /// (`proxy_protocol`, `proxy_from`, `proxy_timeout`). Boxed: most services have none.
+    pub proxy: Option<Box<ProxyProtocol>>,
+}
+
+/// Which PROXY protocol header versions a service accepts (`proxy_protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+    Any,
+}
+
+/// The PROXY protocol on a nowait service: the header is read before any process starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyProtocol {
+    pub version: ProxyVersion,
+    /// The balancers trusted to send it (`proxy_from`): a connection from anywhere else is
+    /// refused.
+    pub from: Vec<IpNet>,
+    /// How long a balancer has to send the whole header (`proxy_timeout`, default 3s).
+    pub timeout: Duration,
 }
 
 #[cfg(test)]

@@ -38,6 +38,7 @@ pub struct RawGlobal {
     pub control: Option<Spanned<RawControl>>,
     pub control_group: Option<Spanned<NameOrId>>,
     pub metrics: Option<Spanned<String>>,
+    pub agent: Option<Spanned<String>>,
 }
 
 /// `control = false` or `control = "/path"` (`true`: the default path).
@@ -59,6 +60,7 @@ impl RawTable for RawGlobal {
         "control",
         "control_group",
         "metrics",
+        "agent",
     ];
 }
 
@@ -93,6 +95,9 @@ impl RawTable for RawService {
         "connection",
         "handoff",
         "log_peer",
+        "proxy_protocol",
+        "proxy_from",
+        "proxy_timeout",
         "socket_mode",
         "socket_user",
         "socket_group",
@@ -132,6 +137,9 @@ pub struct RawService {
     pub connection: Option<Spanned<RawConnection>>,
     pub handoff: Option<Spanned<RawHandoff>>,
     pub log_peer: Option<Spanned<RawLogPeer>>,
+    pub proxy_protocol: Option<Spanned<RawProxyVersion>>,
+    pub proxy_from: Option<Spanned<Vec<Spanned<String>>>>,
+    pub proxy_timeout: Option<Spanned<String>>,
     pub socket_mode: Option<Spanned<Octal>>,
     pub socket_user: Option<Spanned<NameOrId>>,
     pub socket_group: Option<Spanned<NameOrId>>,
@@ -178,6 +186,15 @@ pub enum RawLogPeer {
     None,
 }
 
+/// `proxy_protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub enum RawProxyVersion {
+    V1,
+    V2,
+    Any,
+}
+
 /// `TryFrom<String>` for a keyword enum: a wrong type is serde's "expected a string", a wrong
 /// word names the accepted ones.
 macro_rules! keywords {
@@ -202,6 +219,7 @@ keywords!(RawMode { "wait" => Wait, "nowait" => Nowait });
 keywords!(RawOverflow { "hold" => Hold, "close" => Close });
 keywords!(RawConnection { "stdio" => Stdio, "listen-fds" => ListenFds });
 keywords!(RawHandoff { "listen-fds" => ListenFds, "stdin" => Stdin });
+keywords!(RawProxyVersion { "v1" => V1, "v2" => V2, "any" => Any });
 keywords!(RawLogPeer { "full" => Full, "masked" => Masked, "none" => None });
 
 /// `listen`: `"addr"`, `["addr", ...]` or `{ fdname = "addr" | ["addr", ...] }`.

@@ -59,6 +59,8 @@ fn default_pass_env() -> Arc<[String]> {
 
 /// The longest `max_duration` (one day).
 pub const MAX_SERVICE_DURATION: Duration = Duration::from_secs(24 * 3600);
+/// The longest `proxy_timeout`: a balancer sends its header at once.
+pub const MAX_PROXY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The most `instances` a wait-mode service may run.
 pub const MAX_WAIT_INSTANCES: u32 = 256;
@@ -727,6 +729,7 @@ impl Validator<'_> {
             control: Control::Default,
             control_group: None,
             metrics: None,
+            agent: None,
         };
         if let Some(c) = &raw.control {
             g.control = match c.get_ref() {
@@ -763,6 +766,18 @@ impl Validator<'_> {
                     "a TCP address such as \"127.0.0.1:9100\" (Prometheus scrapes over HTTP)",
                 ),
                 Err(e) => self.error(m.span(), "superserver.metrics", e),
+            }
+        }
+        if let Some(a) = &raw.agent {
+            match crate::parse_listen_addr(a.get_ref()) {
+                Ok(ListenAddr::Tcp(sa)) => g.agent = Some(sa),
+                Ok(_) => self.error(
+                    a.span(),
+                    "superserver.agent",
+                    "a TCP address such as \"10.0.0.2:9999\" (HAProxy's agent-check connects \
+                     over TCP)",
+                ),
+                Err(e) => self.error(a.span(), "superserver.agent", e),
             }
         }
         if let Some(d) = &raw.shutdown_grace {
@@ -840,6 +855,16 @@ impl Validator<'_> {
                 ("connection", raw.connection.as_ref().map(Spanned::span)),
                 ("max_duration", raw.max_duration.as_ref().map(Spanned::span)),
             ];
+            if let Some(p) = &raw.proxy_protocol {
+                self.error(
+                    p.span(),
+                    s.key("proxy_protocol"),
+                    "only for mode = \"nowait\": a wait-mode service accepts its own \
+                     connections, so it reads the header itself (small-services \
+                     --proxy-protocol v2 --proxy-from CIDR, or the small_services::proxy \
+                     library)",
+                );
+            }
             for (key, span) in spans {
                 if let Some(span) = span {
                     self.error(
@@ -972,6 +997,14 @@ impl Validator<'_> {
             }
             _ => Handoff::ListenFds,
         };
+        let proxy = self.proxy(
+            s,
+            raw.proxy_protocol.as_ref(),
+            raw.proxy_from.as_ref(),
+            raw.proxy_timeout.as_ref(),
+            listen.as_deref(),
+            mode_known && nowait,
+        );
         let log_peer = match raw.log_peer.map(Spanned::into_inner) {
             Some(RawLogPeer::Masked) => LogPeer::Masked,
             Some(RawLogPeer::None) => LogPeer::None,
@@ -1136,7 +1169,102 @@ impl Validator<'_> {
             handoff,
             log_peer,
             unix_socket,
+            proxy,
         })
+    }
+
+    /// `proxy_protocol`, `proxy_from`, `proxy_timeout` (nowait; the mode was checked).
+    fn proxy(
+        &mut self,
+        s: &Svc,
+        version: Option<&Spanned<RawProxyVersion>>,
+        proxy_from: Option<&Spanned<Vec<Spanned<String>>>>,
+        proxy_timeout: Option<&Spanned<String>>,
+        listen: Option<&[Listen]>,
+        nowait: bool,
+    ) -> Option<Box<ProxyProtocol>> {
+        let Some(version) = version else {
+            if !s.removed("proxy_protocol") {
+                for (key, span) in [
+                    ("proxy_from", proxy_from.map(Spanned::span)),
+                    ("proxy_timeout", proxy_timeout.map(Spanned::span)),
+                ] {
+                    if let Some(span) = span {
+                        self.error(
+                            span,
+                            s.key(key),
+                            "has no effect without proxy_protocol; add proxy_protocol = \"v2\" \
+                             (or \"v1\", \"any\") or remove it",
+                        );
+                    }
+                }
+            }
+            return None;
+        };
+        if !nowait {
+            return None;
+        }
+        let key = s.key("proxy_protocol");
+        if let Some(l) = listen.and_then(|l| l.iter().find(|l| !matches!(l.addr, ListenAddr::Tcp(_))))
+        {
+            self.error(
+                version.span(),
+                key.clone(),
+                format!(
+                    "needs TCP listeners: the balancers are trusted by their IP address, and {} \
+                     has none; serve the PROXY protocol on a TCP address",
+                    l.addr
+                ),
+            );
+        }
+        let mut from = Vec::new();
+        match proxy_from {
+            None => self.error(
+                version.span(),
+                key,
+                "needs proxy_from, the balancers trusted to send the header, e.g. proxy_from = \
+                 [\"10.0.0.2\"]: a header from anyone else would let a client pick the address \
+                 every rule and log sees",
+            ),
+            Some(list) if list.get_ref().is_empty() => self.error(
+                list.span(),
+                s.key("proxy_from"),
+                "is empty, so every connection would be refused; name the balancers, e.g. \
+                 [\"10.0.0.2\"]",
+            ),
+            Some(list) => {
+                for item in list.get_ref() {
+                    match parse_net(item.get_ref()) {
+                        Ok(net) => from.push(net),
+                        Err(m) => self.report.error(item.span(), s.key("proxy_from"), m),
+                    }
+                }
+            }
+        }
+        let timeout = match proxy_timeout {
+            None => Duration::from_secs(3),
+            Some(d) => {
+                let key = s.key("proxy_timeout");
+                match self.duration(d, &key, MAX_PROXY_TIMEOUT) {
+                    Some(v) if v.is_zero() => {
+                        self.error(d.span(), key, "must be greater than 0 (the spec asks for 3s)");
+                        Duration::from_secs(3)
+                    }
+                    Some(v) => v,
+                    None => Duration::from_secs(3),
+                }
+            }
+        };
+        let version = match version.get_ref() {
+            RawProxyVersion::V1 => ProxyVersion::V1,
+            RawProxyVersion::V2 => ProxyVersion::V2,
+            RawProxyVersion::Any => ProxyVersion::Any,
+        };
+        Some(Box::new(ProxyProtocol {
+            version,
+            from,
+            timeout,
+        }))
     }
 
     /// `handoff = "stdin"`: exactly one socket, TCP or UDP (`listen` is `None` when it was
@@ -1719,7 +1847,7 @@ fn key_segment(key: &str) -> String {
 }
 
 /// Keys whose value is an array of strings: a lone string there gets a hint to bracket it.
-const ARRAY_KEYS: &[&str] = &["exec", "allow", "deny", "pass_env", "include"];
+const ARRAY_KEYS: &[&str] = &["exec", "allow", "deny", "pass_env", "include", "proxy_from"];
 
 /// "unknown key `listn` (did you mean `listen`?), expected one of `mode`, `exec`, …".
 fn unknown_key(name: &str, keys: &[&str]) -> String {

@@ -202,6 +202,7 @@ fn minimal_fixture_gets_the_defaults() {
             control: superserver_config::Control::Default,
             control_group: None,
             metrics: None,
+            agent: None,
         }
     );
     let [s] = &config.services[..] else {

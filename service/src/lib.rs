@@ -8,6 +8,7 @@
 //! * [`protocols`]: what echo, discard, chargen, daytime, time and qotd answer.
 //! * [`app`]: what the binary does, from parsed flags to an exit code.
 //! * [`cli`]: flags, environment variables and exit codes of the binary.
+//! * [`proxy`]: the PROXY protocol (v1, v2) a load balancer puts before a client's bytes.
 //! * [`notify`]: `sd_notify` READY/STOPPING.
 
 pub mod activate;
@@ -17,4 +18,5 @@ pub mod bind;
 pub mod cli;
 pub mod notify;
 pub mod protocols;
+pub mod proxy;
 pub mod server;

@@ -642,6 +642,7 @@ struct CountersDoc {
     exits: ExitsDoc,
     refused: RefusedDoc,
     rate_limited: u64,
+    proxy_local: u64,
 }
 
 #[derive(Serialize)]
@@ -656,6 +657,7 @@ struct RefusedDoc {
     deny: u64,
     per_source: u64,
     overflow: u64,
+    proxy: u64,
 }
 
 /// A growing buffer for serde_json that copies the many short pieces it writes (a quote, a
@@ -786,8 +788,10 @@ fn service_doc<'a>(
                 deny: c.refused_deny,
                 per_source: c.refused_per_source,
                 overflow: c.refused_overflow,
+                proxy: c.refused_proxy,
             },
             rate_limited: c.rate_limited,
+            proxy_local: c.proxy_local,
         },
     }
 }

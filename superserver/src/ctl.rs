@@ -123,7 +123,8 @@ fn table(answer: &Value, detail: bool) -> String {
         };
         let refused = n(&c["refused"]["deny"])
             + n(&c["refused"]["per_source"])
-            + n(&c["refused"]["overflow"]);
+            + n(&c["refused"]["overflow"])
+            + n(&c["refused"]["proxy"]);
         let failed =
             n(&c["spawn_failures"]) + n(&c["exits"]["failed"]) + n(&c["exits"]["signaled"]);
         let last = match &s["last_exit"] {

@@ -25,6 +25,7 @@ use superserver_config::{Config, ConfigErrors, Global, Listen, Mode, Service};
 use crate::children::{self, Children, Exit, Kind};
 use crate::control::{CONTROL, Control, METRICS};
 use crate::limits::{self, TokenBucket};
+use crate::proxy::Headers;
 use crate::sockets::{self, Pool};
 use crate::spawn::Template;
 use crate::state::{Counters, Slot, Svc};
@@ -63,6 +64,8 @@ pub(crate) enum Timer {
         started: Instant,
         kill: bool,
     },
+    /// A connection's PROXY header is due (its token).
+    Header(usize),
 }
 
 /// The running superserver.
@@ -92,6 +95,8 @@ pub struct Daemon<S: Source> {
     pub(crate) pending_upgrade: Option<Option<std::path::PathBuf>>,
     /// Why the last upgrade attempt failed (shown by `status`).
     pub(crate) last_upgrade_error: Option<String>,
+    /// Connections waiting for their PROXY protocol header.
+    pub(crate) headers: crate::proxy::Headers,
 }
 
 impl<S: Source> Daemon<S> {
@@ -162,6 +167,7 @@ impl<S: Source> Daemon<S> {
             upgrades: 0,
             pending_upgrade: None,
             last_upgrade_error: None,
+            headers: Default::default(),
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
@@ -232,6 +238,7 @@ impl<S: Source> Daemon<S> {
             failures: 0,
             backoff_until: None,
             running: 0,
+            waiting: 0,
             sources: None,
             bucket,
             rate_until: None,
@@ -282,6 +289,7 @@ impl<S: Source> Daemon<S> {
                     }
                     CONTROL | METRICS => self.control_accept(event.token()),
                     token if Control::is_client(token) => self.control_client(token),
+                    token if Headers::is_header(token) => self.header_readable(token),
                     token => self.on_readable(token),
                 }
             }
@@ -363,6 +371,7 @@ impl<S: Source> Daemon<S> {
             match timer {
                 Timer::Shutdown => self.kill_remaining(),
                 Timer::Client(token) => self.client_deadline(token),
+                Timer::Header(token) => self.header_deadline(token),
                 Timer::Overrun { pid, started, kill } => self.overrun(pid, started, kill, now),
                 Timer::Service(id) => {
                     if let Some(i) = self.find(id) {

@@ -15,6 +15,7 @@ mod nowait;
 mod plan;
 mod preflight;
 mod program;
+mod proxy;
 mod reload;
 mod sockets;
 mod source;

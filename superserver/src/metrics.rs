@@ -64,6 +64,12 @@ pub fn render(services: &[Svc], stopping: bool) -> String {
             |c| c.spawn_failures,
         ),
         counter(
+            "superserver_proxy_local_total",
+            "PROXY protocol LOCAL connections (a balancer's health checks), closed without a \
+             process.",
+            |c| c.proxy_local,
+        ),
+        counter(
             "superserver_rate_limited_total",
             "Times the rate limit held a connection or an activation back.",
             |c| c.rate_limited,
@@ -120,6 +126,7 @@ pub fn render(services: &[Svc], stopping: bool) -> String {
             ("deny", c.refused_deny),
             ("per_source", c.refused_per_source),
             ("overflow", c.refused_overflow),
+            ("proxy", c.refused_proxy),
         ] {
             refused
                 .samples

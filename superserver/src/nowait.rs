@@ -14,6 +14,7 @@ use superserver_config::{ConnectionPassing, ListenAddr, LogPeer, Overflow};
 use crate::children::{self, Child, Exit, Kind};
 use crate::daemon::*;
 use crate::limits::{self};
+use crate::proxy::Via;
 use crate::spawn::Fds;
 
 impl<S: Source> Daemon<S> {
@@ -59,21 +60,44 @@ impl<S: Source> Daemon<S> {
                     return;
                 }
             };
-            let peer = peer.as_socket();
-            self.handle_connection(i, slot, conn, peer);
+            self.connection(i, slot, conn, peer.as_socket());
         }
     }
 
-    pub(crate) fn handle_connection(
+    /// A connection accepted for service `i`: counted, then served, or first its PROXY
+    /// header read (see [`crate::proxy`]).
+    pub(crate) fn connection(
         &mut self,
         i: usize,
         slot: usize,
         conn: socket2::Socket,
         peer: Option<SocketAddr>,
     ) {
+        self.services[i].counters.accepted += 1;
+        if self.services[i].def.proxy.is_some() {
+            self.proxy_accepted(i, slot, conn, peer);
+        } else {
+            self.handle_connection(i, slot, conn, peer, None);
+        }
+    }
+
+    /// Check access and limits for the client `peer`, then start its process. `via` is set
+    /// when a balancer relayed the connection (PROXY protocol): `peer` is then the client it
+    /// named.
+    pub(crate) fn handle_connection(
+        &mut self,
+        i: usize,
+        slot: usize,
+        conn: socket2::Socket,
+        peer: Option<SocketAddr>,
+        via: Option<Via>,
+    ) {
         let svc = &mut self.services[i];
-        svc.counters.accepted += 1;
-        let peer_str = peer_label(peer, svc.def.log_peer);
+        let mut peer_str = peer_label(peer, svc.def.log_peer);
+        if let Some(via) = via {
+            peer_str.push_str(" via ");
+            peer_str.push_str(&peer_label(Some(via.balancer), svc.def.log_peer));
+        }
         let refusal = if let Some(p) = peer
             && !svc.def.access.is_empty()
             && !svc.def.access.permits(p.ip())
@@ -116,8 +140,16 @@ impl<S: Source> Daemon<S> {
         if let Some(bucket) = svc.bucket.as_mut() {
             bucket.try_take(Instant::now());
         }
-        let local = local_addr(&svc.def.listen[slot].addr, &conn);
-        let env_owned = peer_env(peer, local);
+        let local = match (via, svc.def.listen.get(slot)) {
+            (Some(via), _) => Some(via.destination),
+            (None, Some(listen)) => local_addr(&listen.addr, &conn),
+            (None, None) => conn.local_addr().ok().and_then(|a| a.as_socket()),
+        };
+        let mut env_owned = peer_env(peer, local);
+        if let Some(via) = via {
+            env_owned.push(("PROXY_ADDR", ip_text(via.balancer.ip())));
+            env_owned.push(("PROXY_PORT", via.balancer.port().to_string()));
+        }
         let mut env: Vec<(&str, &OsStr)> =
             env_owned.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
         let fds = match svc.def.connection {
@@ -244,13 +276,7 @@ pub(crate) fn peer_env(
     let Some(peer) = peer else {
         return vec![("PROTO", "UNIX".to_string())];
     };
-    let ip = |a: IpAddr| match a {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(|v4| v4.to_string())
-            .unwrap_or_else(|| v6.to_string()),
-        v4 => v4.to_string(),
-    };
+    let ip = ip_text;
     let mut env = vec![
         ("PROTO", "TCP".to_string()),
         ("TCPREMOTEIP", ip(peer.ip())),
@@ -263,6 +289,11 @@ pub(crate) fn peer_env(
         env.push(("TCPLOCALPORT", local.port().to_string()));
     }
     env
+}
+
+/// An address as the child's environment shows it (IPv4-mapped IPv6 as IPv4).
+fn ip_text(a: IpAddr) -> String {
+    a.to_canonical().to_string()
 }
 
 /// The client as a log line shows it (`log_peer`): "203.0.113.7:40112", "203.0.113.0/24",

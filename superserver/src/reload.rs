@@ -246,7 +246,7 @@ impl<S: Source> Daemon<S> {
                 })
             });
             match owner {
-                Some((i, slot)) => self.handle_connection(i, slot, conn, peer.as_socket()),
+                Some((i, slot)) => self.connection(i, slot, conn, peer.as_socket()),
                 None => log::info!(
                     "reload: a connection queued on {} (no longer served) closed",
                     old.addr

@@ -32,6 +32,9 @@ pub(crate) struct Svc {
     pub(crate) backoff_until: Option<Instant>,
     /// Nowait: running connection processes.
     pub(crate) running: u32,
+    /// Nowait with the PROXY protocol: connections whose header has not all arrived (they
+    /// count against `max_instances`, as the processes they will become).
+    pub(crate) waiting: u32,
     /// Only with `max_per_source` (boxed: most services have no limit and should not pay).
     pub(crate) sources: Option<Box<SourceCounts>>,
     pub(crate) bucket: Option<Box<TokenBucket>>,
@@ -64,13 +67,14 @@ impl Svc {
         match self.def.mode {
             Mode::Wait => self.wait_children.len() < self.def.instances as usize,
             Mode::Nowait => {
-                self.running < self.def.max_instances || self.def.overflow == Overflow::Close
+                self.running + self.waiting < self.def.max_instances
+                    || self.def.overflow == Overflow::Close
             }
         }
     }
 
     pub(crate) fn at_capacity(&self) -> bool {
-        self.running >= self.def.max_instances
+        self.running + self.waiting >= self.def.max_instances
     }
 }
 
@@ -111,6 +115,7 @@ impl State {
 /// Counts of what happened to a service since the superserver started; never reset by a
 /// reload (a removed service's counters are kept for its name).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)] // an upgrade from an image without a counter starts it at 0
 pub(crate) struct Counters {
     /// nowait: connections accepted (whatever became of them).
     pub(crate) accepted: u64,
@@ -124,6 +129,10 @@ pub(crate) struct Counters {
     pub(crate) refused_deny: u64,
     pub(crate) refused_per_source: u64,
     pub(crate) refused_overflow: u64,
+    /// PROXY protocol: from an untrusted address, malformed, or not complete in time.
+    pub(crate) refused_proxy: u64,
+    /// PROXY protocol: v2 LOCAL connections (the balancer's health checks), closed.
+    pub(crate) proxy_local: u64,
     /// Times a connection (nowait) or an activation (wait) found no token and had to wait.
     pub(crate) rate_limited: u64,
 }
