@@ -1205,7 +1205,8 @@ impl Validator<'_> {
             return None;
         }
         let key = s.key("proxy_protocol");
-        if let Some(l) = listen.and_then(|l| l.iter().find(|l| !matches!(l.addr, ListenAddr::Tcp(_))))
+        if let Some(l) =
+            listen.and_then(|l| l.iter().find(|l| !matches!(l.addr, ListenAddr::Tcp(_))))
         {
             self.error(
                 version.span(),
@@ -1247,7 +1248,11 @@ impl Validator<'_> {
                 let key = s.key("proxy_timeout");
                 match self.duration(d, &key, MAX_PROXY_TIMEOUT) {
                     Some(v) if v.is_zero() => {
-                        self.error(d.span(), key, "must be greater than 0 (the spec asks for 3s)");
+                        self.error(
+                            d.span(),
+                            key,
+                            "must be greater than 0 (the spec asks for 3s)",
+                        );
                         Duration::from_secs(3)
                     }
                     Some(v) => v,

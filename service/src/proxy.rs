@@ -69,7 +69,9 @@ impl FromStr for Version {
             "v1" => Ok(Version::V1),
             "v2" => Ok(Version::V2),
             "any" => Ok(Version::Any),
-            other => Err(format!("{other:?} is not a PROXY protocol version: v1, v2 or any")),
+            other => Err(format!(
+                "{other:?} is not a PROXY protocol version: v1, v2 or any"
+            )),
         }
     }
 }
@@ -162,7 +164,9 @@ fn v1(buf: &[u8]) -> Step {
         None => {
             let n = buf.len().min(6);
             if buf[..n] != b"PROXY "[..n] {
-                return Step::Invalid("not a PROXY v1 header: it must start with \"PROXY \"".into());
+                return Step::Invalid(
+                    "not a PROXY v1 header: it must start with \"PROXY \"".into(),
+                );
             }
             return Step::More;
         }
@@ -339,8 +343,9 @@ pub fn read_blocking<S: AsRawFd>(
     }
     let fd = stream.as_raw_fd();
     // SAFETY: a borrowed view of the caller's descriptor, never closed here (ManuallyDrop).
-    let socket =
-        std::mem::ManuallyDrop::new(unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+    let socket = std::mem::ManuallyDrop::new(unsafe {
+        <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(fd)
+    });
     let deadline = Instant::now() + rules.timeout;
     loop {
         match try_read(&socket, rules.version)? {
@@ -465,7 +470,10 @@ mod tests {
         );
         // A v1 header where only v2 is accepted, and the other way round.
         assert!(matches!(
-            parse(Version::V2, b"PROXY TCP4 203.0.113.7 192.0.2.1 40112 80\r\n"),
+            parse(
+                Version::V2,
+                b"PROXY TCP4 203.0.113.7 192.0.2.1 40112 80\r\n"
+            ),
             Step::Invalid(_)
         ));
         assert!(matches!(parse(Version::V1, &h), Step::Invalid(_)));

@@ -92,6 +92,14 @@ impl<S: Source> Daemon<S> {
             return;
         }
         let (svc_id, timeout) = (svc.id, rules.timeout);
+        // Peeked at without blocking the loop; the child gets it back in blocking mode.
+        if let Err(e) = conn.set_nonblocking(true) {
+            log::error!(
+                "{}: {balancer}: cannot set O_NONBLOCK: {e}; closed",
+                svc.def.name
+            );
+            return;
+        }
         let step = self.read_step(i, &conn);
         if !matches!(step, Step::More) {
             self.header_done(i, slot, conn, balancer, step);
@@ -199,6 +207,9 @@ impl<S: Source> Daemon<S> {
         balancer: SocketAddr,
         step: Step,
     ) {
+        if matches!(step, Step::Done { .. }) && conn.set_nonblocking(false).is_err() {
+            return; // a child must not get a non-blocking connection it did not ask for
+        }
         match step {
             Step::More => {}
             Step::Invalid(why) => self.proxy_refused(i, &balancer, &why),

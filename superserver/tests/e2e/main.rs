@@ -9,6 +9,7 @@ mod import;
 mod inetd_host;
 mod logging;
 mod nowait;
+mod proxy;
 mod reload;
 mod security;
 mod sockets;
