@@ -50,7 +50,7 @@ def addresses(recs, expected, lb_front, lb_back):
     ok = [r for r in recs if r["ok"]]
     result(
         len(recs) == expected and len(ok) == expected,
-        "load: %d connections through HAProxy, every one answered" % expected,
+        "load: %d connections through HAProxy, every one answered and the line it sent at once echoed" % expected,
         "%d results, %d answered, failures: %s; per host %s"
         % (len(recs), len(ok), errors([r for r in recs if not r["ok"]]), per_host(ok)),
     )

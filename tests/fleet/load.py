@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Load client of the fleet test (tests/fleet/run): counts every connection's result.
 
-Short connections: connect from one of --sources (round robin), read the service's one line
-(`host=h1 addr=A port=P proxy=B proxy_port=Q local=L local_port=M`), half-close, and expect a
-clean end of stream. Long sessions (--long K): opened one after another before the short load
+Short connections: connect from one of --sources (round robin), send a line at once (so that
+it travels with, or right behind, the balancer's PROXY header), read the service's first line
+(`host=h1 addr=A port=P proxy=B proxy_port=Q local=L local_port=M`), then the echo of ours,
+half-close, and expect a clean end of stream. Long sessions (--long K): opened one after another before the short load
 starts (so a round-robin balancer spreads them over the hosts), each echoes `ping N` every
 --ping seconds until the short load ends, then half-closes and expects a clean end.
 
@@ -61,8 +62,13 @@ async def short_conn(args, src):
     try:
         reader, writer = await open_conn(args, src)
         rec["sport"] = writer.get_extra_info("sockname")[1]
+        msg = b"hello %d\n" % rec["sport"]
+        writer.write(msg)
         line = await asyncio.wait_for(reader.readuntil(b"\n"), args.timeout)
         rec.update(parse_line(line))
+        echo = await asyncio.wait_for(reader.readuntil(b"\n"), args.timeout)
+        if echo != msg:
+            raise ValueError("echo %r for %r" % (echo[:80], msg))
         await finish(reader, writer, args, rec)
         rec["ok"] = True
     except Exception as exc:  # every outcome is a result, none is lost
