@@ -17,6 +17,8 @@ pub enum Kind {
         peer: String,
         /// The key it was counted under for `max_per_source`.
         source: Option<IpNet>,
+        /// It came through a balancer (PROXY protocol).
+        proxied: bool,
     },
 }
 

@@ -16,8 +16,9 @@ use crate::import::Format;
 /// Signals: SIGHUP reloads the config (applied as a diff, sockets kept); SIGTERM or SIGINT
 /// stop listening, send SIGTERM to every service and wait up to shutdown_grace.
 ///
-/// A running superserver answers `superserver status`, `reload` and `stop` on its control
-/// socket (/run/superserver/control for root, $XDG_RUNTIME_DIR/superserver/control otherwise).
+/// A running superserver answers `superserver status`, `reload`, `stop`, `upgrade`, `drain`
+/// and `undrain` on its control socket (/run/superserver/control for root,
+/// $XDG_RUNTIME_DIR/superserver/control otherwise).
 ///
 /// Exit codes: 0 stopped cleanly (or --check passed); 1 runtime failure; 2 bad usage;
 /// 3 invalid configuration; 4 a socket could not be bound or an inherited socket does not
@@ -78,6 +79,24 @@ pub enum Command {
     /// --binary, the binary now at the running one's path. Exit codes: 0 upgraded; 1 refused
     /// or the pre-flight said no (the old binary keeps serving); 5 no superserver answers.
     Upgrade(UpgradeArgs),
+    /// Tell the load balancer to send no new connections to these services (all of them
+    /// without a name): HAProxy's agent-check ([superserver] agent) then answers `drain`.
+    /// Connections already open, and clients that connect directly, are still served. Exit
+    /// codes: 0 done; 1 refused (permission, unknown service); 5 no superserver answers.
+    Drain(DrainArgs),
+    /// Undo `drain` for these services (all of them without a name): the agent answers `up`
+    /// again. Exit codes as for drain.
+    Undrain(DrainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DrainArgs {
+    /// The services (default: every service, and any added later).
+    #[arg(value_name = "SERVICE")]
+    pub services: Vec<String>,
+
+    #[command(flatten)]
+    pub control: ControlArgs,
 }
 
 #[derive(Debug, clap::Args)]

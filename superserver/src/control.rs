@@ -31,6 +31,7 @@ use crate::state::{State, Svc};
 
 pub(crate) const CONTROL: Token = Token(usize::MAX);
 pub(crate) const METRICS: Token = Token(usize::MAX - 1);
+pub(crate) const AGENT: Token = Token(usize::MAX - 2);
 /// Client tokens count up from here, far above the services' tokens.
 const CLIENT_BASE: usize = usize::MAX / 2;
 pub(crate) const MAX_CLIENTS: usize = 32;
@@ -38,6 +39,9 @@ pub(crate) const MAX_CLIENTS: usize = 32;
 const MAX_REQUEST: usize = 4096;
 /// A client has this long to send its request and take its answer.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+/// An agent client that has sent no line by then is answered for the whole host (HAProxy
+/// without `agent-send` sends nothing and waits).
+const AGENT_WAIT: Duration = Duration::from_millis(500);
 pub(crate) const PROTOCOL: &str = "superserver/1";
 
 /// The default control socket: `$SUPERSERVER_CONTROL` when set, else
@@ -65,6 +69,7 @@ struct Peer {
 enum Kind {
     Control(Peer),
     Metrics,
+    Agent,
 }
 
 struct Client {
@@ -82,6 +87,7 @@ struct Client {
 pub(crate) struct Control {
     socket: Option<Bound>,
     metrics: Option<Socket>,
+    agent: Option<Socket>,
     clients: HashMap<Token, Client>,
     next: usize,
     /// `control_group`: members may read `status`.
@@ -175,11 +181,24 @@ impl Control {
                 Err(e) => log::warn!("metrics: cannot listen on {addr}: {e}; no metrics"),
             }
         }
+        if let Some(addr) = global.agent {
+            match listen_tcp(addr).and_then(|s| {
+                registry
+                    .register(&mut SourceFd(&s.as_raw_fd()), AGENT, Interest::READABLE)
+                    .map(|()| s)
+            }) {
+                Ok(s) => {
+                    log::info!("agent: answering HAProxy's agent-check on {addr}");
+                    control.agent = Some(s);
+                }
+                Err(e) => log::warn!("agent: cannot listen on {addr}: {e}; no agent"),
+            }
+        }
         control
     }
 
     pub(crate) fn is_client(token: Token) -> bool {
-        token.0 >= CLIENT_BASE && token != CONTROL && token != METRICS
+        token.0 >= CLIENT_BASE && token != CONTROL && token != METRICS && token != AGENT
     }
 }
 
@@ -254,10 +273,10 @@ impl<S: Source> Daemon<S> {
     /// The control or metrics listener is readable: take the new clients.
     pub(crate) fn control_accept(&mut self, token: Token) {
         loop {
-            let listener = if token == CONTROL {
-                self.control.socket.as_ref().map(|b| &b.socket)
-            } else {
-                self.control.metrics.as_ref()
+            let listener = match token {
+                CONTROL => self.control.socket.as_ref().map(|b| &b.socket),
+                AGENT => self.control.agent.as_ref(),
+                _ => self.control.metrics.as_ref(),
             };
             let Some(listener) = listener else { return };
             let socket = match listener.accept() {
@@ -268,19 +287,21 @@ impl<S: Source> Daemon<S> {
             if socket.set_nonblocking(true).is_err() {
                 continue;
             }
-            let kind = if token == CONTROL {
-                match peer_of(socket.as_raw_fd()) {
+            let kind = match token {
+                CONTROL => match peer_of(socket.as_raw_fd()) {
                     Ok(p) => Kind::Control(p),
                     Err(_) => continue,
-                }
-            } else {
-                Kind::Metrics
+                },
+                AGENT => Kind::Agent,
+                _ => Kind::Metrics,
             };
             if self.control.clients.len() >= MAX_CLIENTS {
                 // Best effort, never blocking: a short refusal, then close.
                 let refusal = match kind {
                     Kind::Control(_) => answer_error("busy: too many control clients; retry"),
                     Kind::Metrics => b"HTTP/1.0 503 Service Unavailable\r\n\r\n".to_vec(),
+                    // Not an error to HAProxy: it keeps the server's state until the next check.
+                    Kind::Agent => Vec::new(),
                 };
                 let _ = (&socket).write(&refusal);
                 log::warn!("control: {MAX_CLIENTS} clients already; one refused");
@@ -296,6 +317,10 @@ impl<S: Source> Daemon<S> {
             {
                 continue;
             }
+            let deadline = match kind {
+                Kind::Agent => AGENT_WAIT,
+                _ => CLIENT_DEADLINE,
+            };
             self.control.clients.insert(
                 t,
                 Client {
@@ -307,7 +332,7 @@ impl<S: Source> Daemon<S> {
                     answered: false,
                 },
             );
-            self.add_timer(Instant::now() + CLIENT_DEADLINE, Timer::Client(t.0));
+            self.add_timer(Instant::now() + deadline, Timer::Client(t.0));
         }
     }
 
@@ -336,7 +361,7 @@ impl<S: Source> Daemon<S> {
                 }
             }
             let complete = match client.kind {
-                Kind::Control(_) => client.input.contains(&b'\n'),
+                Kind::Control(_) | Kind::Agent => client.input.contains(&b'\n'),
                 Kind::Metrics => client.input.windows(4).any(|w| w == b"\r\n\r\n"),
             };
             if !complete && client.input.len() <= MAX_REQUEST {
@@ -350,6 +375,7 @@ impl<S: Source> Daemon<S> {
                 match client.kind {
                     Kind::Control(peer) => self.control_request(peer, &input),
                     Kind::Metrics => self.metrics_answer(&input),
+                    Kind::Agent => self.agent_line(&input),
                 }
             };
             let Some(client) = self.control.clients.get_mut(&token) else {
@@ -405,6 +431,21 @@ impl<S: Source> Daemon<S> {
 
     /// A client's deadline passed: whatever it did not finish, it is closed.
     pub(crate) fn client_deadline(&mut self, token: usize) {
+        let token_ = Token(token);
+        if let Some(client) = self.control.clients.get_mut(&token_)
+            && matches!(client.kind, Kind::Agent)
+            && !client.answered
+        {
+            // HAProxy sent no name (or not all of it): answer with what came.
+            let input = std::mem::take(&mut client.input);
+            let answer = self.agent_line(&input);
+            if let Some(client) = self.control.clients.get_mut(&token_) {
+                client.output = answer;
+                client.answered = true;
+            }
+            self.write_client(token_);
+            return;
+        }
         if self.control.clients.contains_key(&Token(token)) {
             log::debug!("control: a client took too long; closed");
             self.drop_client(Token(token));
@@ -493,6 +534,21 @@ impl<S: Source> Daemon<S> {
                 self.pending_upgrade = Some(binary);
                 to_line(&json!({"version": 1, "ok": true, "preflight": "pending"}))
             }
+            "drain" | "undrain" => {
+                let on = command == "drain";
+                log::info!(
+                    "control: {command} {args:?} asked by uid {} (pid {})",
+                    peer.uid,
+                    peer.pid
+                );
+                match self.drain(&args, on) {
+                    Ok(drained) => to_line(&json!({
+                        "version": 1, "ok": true, "drained": drained,
+                        "agent": self.global.agent.map(|a| a.to_string()),
+                    })),
+                    Err(e) => answer_error(&e),
+                }
+            }
             "stop" => {
                 if let Some(g) = args.first() {
                     match humantime::parse_duration(g) {
@@ -513,7 +569,7 @@ impl<S: Source> Daemon<S> {
             }
             other => answer_error(&format!(
                 "unknown command {other:?}; commands: status [SERVICE…], reload, stop [GRACE], \
-                 upgrade [BINARY]"
+                 upgrade [BINARY], drain [SERVICE…], undrain [SERVICE…]"
             )),
         }
     }
@@ -539,6 +595,7 @@ impl<S: Source> Daemon<S> {
             ok: true,
             upgrades: self.upgrades,
             last_upgrade_error: self.last_upgrade_error.as_deref(),
+            drained_all: self.drained_all,
             pid: std::process::id(),
             uptime_s: wall
                 .duration_since(self.started)
@@ -553,6 +610,13 @@ impl<S: Source> Daemon<S> {
     }
 
     /// `GET /metrics`: the counters and states in Prometheus' text format.
+    /// An agent-check request: the first line, a service name or nothing.
+    fn agent_line(&self, input: &[u8]) -> Vec<u8> {
+        let text = String::from_utf8_lossy(input);
+        let name = text.lines().next().unwrap_or("");
+        self.agent_answer(name).into_bytes()
+    }
+
     fn metrics_answer(&self, input: &[u8]) -> Vec<u8> {
         let first = input.split(|&b| b == b'\n').next().unwrap_or(b"");
         let first = String::from_utf8_lossy(first);
@@ -596,6 +660,8 @@ pub(crate) struct StatusDoc<'a> {
     pid: u32,
     uptime_s: u64,
     stopping: bool,
+    /// `superserver drain` without a service: the agent answers `drain` for every one.
+    drained_all: bool,
     services: Vec<ServiceDoc<'a>>,
 }
 
@@ -611,6 +677,8 @@ struct ServiceDoc<'a> {
     cap: u32,
     pids: &'a [i32],
     bind_failing: bool,
+    /// `superserver drain SERVICE`: the agent answers `drain`.
+    drained: bool,
     listeners: Vec<ListenerDoc<'a>>,
     last_exit: Option<LastExitDoc>,
     counters: CountersDoc,
@@ -772,6 +840,7 @@ fn service_doc<'a>(
         cap: s.cap(),
         pids,
         bind_failing: s.bind_retry.is_some(),
+        drained: s.drained,
         listeners,
         last_exit,
         counters: CountersDoc {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::cli::{ControlArgs, StatusArgs, StopArgs, UpgradeArgs};
+use crate::cli::{ControlArgs, DrainArgs, StatusArgs, StopArgs, UpgradeArgs};
 use crate::control::{PROTOCOL, default_path};
 
 /// No superserver answers on the control socket.
@@ -141,7 +141,11 @@ fn table(answer: &Value, detail: bool) -> String {
         rows.push(vec![
             s["name"].as_str().unwrap_or("?").to_string(),
             s["mode"].as_str().unwrap_or("?").to_string(),
-            s["state"].as_str().unwrap_or("?").to_string(),
+            if s["drained"] == true || answer["drained_all"] == true {
+                format!("{} (drained)", s["state"].as_str().unwrap_or("?"))
+            } else {
+                s["state"].as_str().unwrap_or("?").to_string()
+            },
             format!("{}/{}", n(&s["live"]), n(&s["cap"])),
             accepted.to_string(),
             n(&c["spawned"]).to_string(),
@@ -215,6 +219,31 @@ pub fn reload(args: ControlArgs) -> Result<(), u8> {
         eprintln!("reload rejected; the running configuration stays");
         Err(REJECTED)
     }
+}
+
+/// `superserver drain|undrain [SERVICE…]`: what HAProxy's agent-check answers.
+pub fn drain(args: DrainArgs, on: bool) -> Result<(), u8> {
+    let verb = if on { "drain" } else { "undrain" };
+    let mut request = verb.to_string();
+    for s in &args.services {
+        request.push(' ');
+        request.push_str(s);
+    }
+    let answer = ask(&args.control, &request)?;
+    let drained: Vec<&str> = answer["drained"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let agent = match answer["agent"].as_str() {
+        Some(a) => format!("the agent on {a} answers drain for them"),
+        None => "no agent is configured ([superserver] agent), so no balancer is told".into(),
+    };
+    if drained.is_empty() {
+        print("draining: none\n");
+    } else {
+        print(&format!("draining: {} ({agent})\n", drained.join(", ")));
+    }
+    Ok(())
 }
 
 pub fn stop(args: StopArgs) -> Result<(), u8> {

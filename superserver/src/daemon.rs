@@ -23,7 +23,7 @@ use signal_hook_mio::v1_0::Signals;
 use superserver_config::{Config, ConfigErrors, Global, Listen, Mode, Service};
 
 use crate::children::{self, Children, Exit, Kind};
-use crate::control::{CONTROL, Control, METRICS};
+use crate::control::{AGENT, CONTROL, Control, METRICS};
 use crate::limits::{self, TokenBucket};
 use crate::proxy::Headers;
 use crate::sockets::{self, Pool};
@@ -97,6 +97,8 @@ pub struct Daemon<S: Source> {
     pub(crate) last_upgrade_error: Option<String>,
     /// Connections waiting for their PROXY protocol header.
     pub(crate) headers: crate::proxy::Headers,
+    /// `superserver drain` without a service: the agent answers `drain` for every one.
+    pub(crate) drained_all: bool,
 }
 
 impl<S: Source> Daemon<S> {
@@ -168,6 +170,7 @@ impl<S: Source> Daemon<S> {
             pending_upgrade: None,
             last_upgrade_error: None,
             headers: Default::default(),
+            drained_all: false,
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
@@ -239,6 +242,7 @@ impl<S: Source> Daemon<S> {
             backoff_until: None,
             running: 0,
             waiting: 0,
+            drained: false,
             sources: None,
             bucket,
             rate_until: None,
@@ -287,7 +291,7 @@ impl<S: Source> Daemon<S> {
                             self.on_signal(sig);
                         }
                     }
-                    CONTROL | METRICS => self.control_accept(event.token()),
+                    CONTROL | METRICS | AGENT => self.control_accept(event.token()),
                     token if Control::is_client(token) => self.control_client(token),
                     token if Headers::is_header(token) => self.header_readable(token),
                     token => self.on_readable(token),
@@ -494,7 +498,7 @@ impl<S: Source> Daemon<S> {
             }));
         }
         match &exit.child.kind {
-            Kind::Connection { peer, source } => {
+            Kind::Connection { peer, source, .. } => {
                 let (peer, source) = (peer.clone(), *source);
                 self.connection_exited(&exit, &peer, &source)
             }

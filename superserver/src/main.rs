@@ -1,5 +1,6 @@
 //! superserver: bind a TOML table of services and start them on demand.
 
+mod agent;
 mod children;
 mod cli;
 mod control;
@@ -76,6 +77,8 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         Some(cli::Command::Reload(a)) => return ctl::reload(a).map_err(Failure::Control),
         Some(cli::Command::Stop(a)) => return ctl::stop(a).map_err(Failure::Control),
         Some(cli::Command::Upgrade(a)) => return ctl::upgrade(a).map_err(Failure::Control),
+        Some(cli::Command::Drain(a)) => return ctl::drain(a, true).map_err(Failure::Control),
+        Some(cli::Command::Undrain(a)) => return ctl::drain(a, false).map_err(Failure::Control),
         _ => {}
     }
     if let Some(cli::Command::Import(import)) = args.command {

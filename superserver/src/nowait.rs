@@ -185,6 +185,7 @@ impl<S: Source> Daemon<S> {
                     kind: Kind::Connection {
                         peer: peer_str,
                         source,
+                        proxied: via.is_some(),
                     },
                 };
                 self.children.insert(pid, child);

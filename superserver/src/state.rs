@@ -35,6 +35,8 @@ pub(crate) struct Svc {
     /// Nowait with the PROXY protocol: connections whose header has not all arrived (they
     /// count against `max_instances`, as the processes they will become).
     pub(crate) waiting: u32,
+    /// An operator drained it (`superserver drain`): the agent answers `drain`.
+    pub(crate) drained: bool,
     /// Only with `max_per_source` (boxed: most services have no limit and should not pay).
     pub(crate) sources: Option<Box<SourceCounts>>,
     pub(crate) bucket: Option<Box<TokenBucket>>,

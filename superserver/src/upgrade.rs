@@ -41,6 +41,8 @@ pub struct Saved {
     pub services: Vec<SavedService>,
     pub children: Vec<SavedChild>,
     pub retired: Vec<(String, Counters)>,
+    #[serde(default)]
+    pub drained_all: bool,
 }
 
 /// A listening socket: its fd number (open across the exec) and what it is.
@@ -68,6 +70,9 @@ pub struct SavedService {
     pub backoff_ms: Option<u64>,
     #[serde(default)]
     pub rate_ms: Option<u64>,
+    /// `superserver drain`.
+    #[serde(default)]
+    pub drained: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -77,6 +82,8 @@ pub struct SavedChild {
     pub wait: bool,
     pub peer: String,
     pub source: Option<String>,
+    #[serde(default)]
+    pub proxied: bool,
     pub ran_ms: u64,
 }
 
@@ -164,17 +171,20 @@ impl<S: Source> Daemon<S> {
                 tokens,
                 backoff_ms: left(svc.backoff_until),
                 rate_ms: left(svc.rate_until),
+                drained: svc.drained,
             });
         }
         let children = self
             .children
             .iter()
             .map(|(pid, c)| {
-                let (wait, peer, source) = match &c.kind {
-                    Kind::Wait => (true, String::new(), None),
-                    Kind::Connection { peer, source } => {
-                        (false, peer.clone(), source.map(|s| s.to_string()))
-                    }
+                let (wait, peer, source, proxied) = match &c.kind {
+                    Kind::Wait => (true, String::new(), None, false),
+                    Kind::Connection {
+                        peer,
+                        source,
+                        proxied,
+                    } => (false, peer.clone(), source.map(|s| s.to_string()), *proxied),
                 };
                 SavedChild {
                     pid,
@@ -182,6 +192,7 @@ impl<S: Source> Daemon<S> {
                     wait,
                     peer,
                     source,
+                    proxied,
                     ran_ms: c.started.elapsed().as_millis() as u64,
                 }
             })
@@ -198,6 +209,7 @@ impl<S: Source> Daemon<S> {
                 .iter()
                 .map(|(n, c)| (n.clone(), (**c).clone()))
                 .collect(),
+            drained_all: self.drained_all,
         }
     }
 
@@ -205,6 +217,7 @@ impl<S: Source> Daemon<S> {
     pub(crate) fn restore(&mut self, saved: Saved) {
         self.upgrades = saved.upgrades;
         self.started = from_unix_ms(saved.started_unix_ms);
+        self.drained_all = saved.drained_all;
         for (name, c) in saved.retired {
             self.retired.insert(name, Box::new(c));
         }
@@ -246,6 +259,7 @@ impl<S: Source> Daemon<S> {
             let svc = &mut self.services[i];
             *svc.counters = s.counters;
             svc.failures = s.failures;
+            svc.drained = s.drained;
             svc.wait_children = s.wait_children;
             svc.last_exit = s.last_exit.map(|(pid, status, at, ran)| {
                 Box::new(LastExit {
@@ -275,6 +289,7 @@ impl<S: Source> Daemon<S> {
                 Kind::Connection {
                     peer: c.peer,
                     source,
+                    proxied: c.proxied,
                 }
             };
             self.children.insert(

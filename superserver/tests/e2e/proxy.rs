@@ -268,3 +268,85 @@ fn waiting_headers_count_against_max_instances() {
     let line = line_of(&fourth).unwrap();
     assert!(line.starts_with("203.0.113.7 7"), "{line}");
 }
+
+/// One agent-check exchange: send `request` (nothing at all for ""), read the one line.
+fn agent(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, WAIT).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// HAProxy's agent-check: `up ready maxconn:N` (N less the processes of clients that came
+/// directly, never those of the balancer's own connections), `drain` after `superserver
+/// drain` (for one service, or all), `up` again after `undrain`, `down#…` while a service
+/// backs off or for a name it does not know; the drain survives an in-place upgrade.
+#[test]
+fn the_agent_tells_the_balancer_what_each_service_can_take() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let (w, wait_addr) = tcp_listener("127.0.0.1");
+    let agent_addr: SocketAddr = format!("127.0.0.1:{}", probe_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let config = format!(
+        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\nagent = \"{agent_addr}\"\n\n\
+         [service.web]\nmode = \"nowait\"\nexec = [\"/bin/sh\", \"-c\", \"read x; echo $x\"]\nlisten = \"{addr}\"\nmax_instances = 5\nproxy_protocol = \"v1\"\nproxy_from = [\"127.0.0.2\"]\n\n\
+         [service.broken]\nexec = [\"/bin/false\"]\nlisten = \"{wait_addr}\"\n"
+    );
+    let server = Server::start(&config, vec![l, w]);
+    let control = server.dir.path().join("ctl");
+    assert_eq!(agent(agent_addr, "web\n"), "up ready maxconn:5\n");
+    assert_eq!(agent(agent_addr, ""), "up ready\n", "no name: the host");
+    assert_eq!(agent(agent_addr, "nope\n"), "down#no service nope\n");
+    // Two clients through the balancer hold processes: maxconn stays 5 (HAProxy counts
+    // those itself).
+    let held: Vec<TcpStream> = (0..2)
+        .map(|k| {
+            let mut s = connect_from("127.0.0.2", addr).unwrap();
+            s.write_all(&v1("203.0.113.7", 1000 + k, "192.0.2.1", 80))
+                .unwrap();
+            s
+        })
+        .collect();
+    wait_until("two processes", || {
+        status_json(&control)["services"][0]["live"] == 2
+    });
+    assert_eq!(agent(agent_addr, "web\n"), "up ready maxconn:5\n");
+    // The wait-mode service that keeps failing backs off: down, with the reason.
+    let _ = TcpStream::connect(wait_addr);
+    server.wait_log("broken: back-off");
+    assert!(
+        agent(agent_addr, "broken\n").starts_with("down#backing off"),
+        "backing off"
+    );
+    // Drained: HAProxy hears drain; the sessions that are open go on.
+    let out = success_stdout(ctl(&["drain", "web"], &control));
+    assert!(out.contains("draining: web"), "{out}");
+    assert_eq!(agent(agent_addr, "web\n"), "drain\n");
+    for mut s in held {
+        s.write_all(b"still served\n").unwrap();
+        assert_eq!(line_of(&s).unwrap(), "still served\n");
+    }
+    let table = success_stdout(ctl(&["status"], &control));
+    assert!(table.contains("(drained)"), "{table}");
+    // An upgrade keeps the drain.
+    let new = server.dir.path().join("superserver-new");
+    std::fs::copy(superserver_bin(), &new).unwrap();
+    success_stdout(ctl(
+        &["upgrade", "--binary", new.to_str().unwrap()],
+        &control,
+    ));
+    assert_eq!(agent(agent_addr, "web\n"), "drain\n");
+    success_stdout(ctl(&["undrain", "web"], &control));
+    assert_eq!(agent(agent_addr, "web\n"), "up ready maxconn:5\n");
+    // The whole host.
+    success_stdout(ctl(&["drain"], &control));
+    assert_eq!(agent(agent_addr, ""), "drain\n");
+    assert_eq!(agent(agent_addr, "web\n"), "drain\n");
+    success_stdout(ctl(&["undrain"], &control));
+    assert_eq!(agent(agent_addr, "web\n"), "up ready maxconn:5\n");
+    let out = ctl(&["drain", "nope"], &control);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
