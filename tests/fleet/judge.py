@@ -103,12 +103,22 @@ def drain(recs, host, t_drain, inter):
     before = [r for r in short if r["ok"] and r["t0"] < t_drain and r.get("host") == host]
     late = [r for r in short if r["ok"] and r["t0"] >= t_drain + inter and r.get("host") == host]
     after = [r for r in short if r["t0"] >= t_drain + inter]
+    last = max((r["t0"] for r in short if r["ok"] and r.get("host") == host), default=t_drain)
     result(
         len(before) > 0 and len(after) > 0 and not late,
         "drain: no new connection reaches the drained host after one agent interval (%.1f s)"
         % inter,
-        "before the drain %s served %d; after the interval %d connections, %d on %s; per host %s"
-        % (host, len(before), len(after), len(late), host, per_host([r for r in after if r["ok"]])),
+        "before the drain %s served %d, the last new one %.2f s after it; after the interval %d "
+        "connections, %d on %s; per host %s"
+        % (
+            host,
+            len(before),
+            last - t_drain,
+            len(after),
+            len(late),
+            host,
+            per_host([r for r in after if r["ok"]]),
+        ),
     )
     show(late)
     result(
