@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Judges a load run of the fleet test (tests/fleet/run) and prints PASS/FAIL lines.
 
-    judge.py addresses RESULTS EXPECTED_COUNT LB_FRONT LB_BACK
+    judge.py addresses RESULTS EXPECTED_COUNT LB_FRONT LB_BACK LABEL
     judge.py kill RESULTS HOST T_KILL WINDOW
     judge.py drain RESULTS HOST T_DRAIN AGENT_INTER
     judge.py undrain RESULTS HOST T_UNDRAIN SETTLE
@@ -45,12 +45,13 @@ def show(recs, n=5):
         print("    | %s" % json.dumps(r, sort_keys=True))
 
 
-def addresses(recs, expected, lb_front, lb_back):
+def addresses(recs, expected, lb_front, lb_back, label):
     front_ip, front_port = lb_front.rsplit(":", 1)
     ok = [r for r in recs if r["ok"]]
     result(
         len(recs) == expected and len(ok) == expected,
-        "load: %d connections through HAProxy, every one answered and the line it sent at once echoed" % expected,
+        "%s: %d connections through HAProxy, every one answered and the line it sent at once echoed"
+        % (label, expected),
         "%d results, %d answered, failures: %s; per host %s"
         % (len(recs), len(ok), errors([r for r in recs if not r["ok"]]), per_host(ok)),
     )
@@ -65,13 +66,13 @@ def addresses(recs, expected, lb_front, lb_back):
     ]
     result(
         len(right) == expected,
-        "real client address: REMOTE_ADDR/REMOTE_PORT = the client's own address and port, "
-        "PROXY_ADDR = the balancer, TCPLOCALIP/PORT = its frontend",
+        "%s: real client address: REMOTE_ADDR/REMOTE_PORT = the client's own address and port, "
+        "PROXY_ADDR = the balancer, TCPLOCALIP/PORT = its frontend" % label,
         "%d of %d connections" % (len(right), expected),
     )
     show([r for r in ok if r not in right])
     hosts = {r.get("host") for r in ok}
-    result(len(hosts) == 3, "every host served", per_host(ok))
+    result(len(hosts) == 3, "%s: every host served" % label, per_host(ok))
 
 
 def kill(recs, host, t_kill, window):
@@ -169,7 +170,7 @@ if __name__ == "__main__":
     cmd, path, rest = sys.argv[1], sys.argv[2], sys.argv[3:]
     recs = load(path)
     if cmd == "addresses":
-        addresses(recs, int(rest[0]), rest[1], rest[2])
+        addresses(recs, int(rest[0]), rest[1], rest[2], rest[3])
     elif cmd == "kill":
         kill(recs, rest[0], float(rest[1]), float(rest[2]))
     elif cmd == "drain":
