@@ -439,6 +439,8 @@ pub const RESERVED_ENV_NAMES: &[&str] = &[
     "REMOTE_ADDR",
     "REMOTE_PORT",
     "REMOTE_HOST",
+    "PROXY_ADDR",
+    "PROXY_PORT",
     "JOURNAL_STREAM",
 ];
 

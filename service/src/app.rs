@@ -237,6 +237,28 @@ pub fn run(args: Args, inherited: Result<Passed, ActivationError>) -> Result<Out
         );
         max_connections = usable;
     }
+    let proxy = args.proxy_protocol.map(|version| crate::proxy::Rules {
+        version,
+        from: args.proxy_from.iter().map(|t| t.0).collect(),
+        timeout: args.proxy_timeout,
+    });
+    if let Some(p) = &proxy {
+        if !connections.is_empty() {
+            return Err(AppError::Usage(
+                "--proxy-protocol applies to the connections small-services accepts, not to one                  handed over on stdin or fd 3 (for a nowait service, give the superserver's                  service proxy_protocol and proxy_from instead)"
+                    .into(),
+            ));
+        }
+        log::info!(
+            "PROXY protocol {} from {}: every TCP connection must start with its header",
+            p.version,
+            args.proxy_from
+                .iter()
+                .map(|t| t.0.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let (idle_timeout, idle_line) = idle_timeout(args.idle_timeout, relaunch);
     if !listeners.is_empty() {
         log::info!("{idle_line}");
@@ -247,6 +269,7 @@ pub fn run(args: Args, inherited: Result<Passed, ActivationError>) -> Result<Out
         max_connections,
         shutdown_grace: args.shutdown_grace,
         quotes,
+        proxy,
     };
     let outcome =
         server::run(listeners, connections, config).map_err(|source| AppError::Runtime {

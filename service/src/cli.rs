@@ -124,6 +124,32 @@ pub struct Args {
     #[arg(long, value_name = "DURATION", default_value = "5s", env = "SMALL_SERVICES_SHUTDOWN_GRACE", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Every TCP connection starts with a PROXY protocol header (v1, v2 or any) from a load
+    /// balancer in --proxy-from: the logs show the client it names. A connection from
+    /// another address, a malformed header or none within --proxy-timeout is closed unserved.
+    #[arg(
+        long,
+        value_name = "VERSION",
+        env = "SMALL_SERVICES_PROXY_PROTOCOL",
+        requires = "proxy_from"
+    )]
+    pub proxy_protocol: Option<crate::proxy::Version>,
+
+    /// The load balancers trusted to send the PROXY header: IP or CIDR (repeatable; the
+    /// variable holds a comma-separated list).
+    #[arg(
+        long,
+        value_name = "CIDR",
+        env = "SMALL_SERVICES_PROXY_FROM",
+        value_delimiter = ',',
+        requires = "proxy_protocol"
+    )]
+    pub proxy_from: Vec<crate::proxy::Trusted>,
+
+    /// How long a balancer has to send the whole PROXY header.
+    #[arg(long, value_name = "DURATION", default_value = "3s", env = "SMALL_SERVICES_PROXY_TIMEOUT", value_parser = parse_duration)]
+    pub proxy_timeout: Duration,
+
     /// Quotes for qotd, separated by blank lines, each under 512 bytes (default: built in).
     #[arg(long, value_name = "PATH", env = "SMALL_SERVICES_QUOTE_FILE")]
     pub quote_file: Option<PathBuf>,

@@ -45,8 +45,12 @@ pub use ipnet::IpNet;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The longest v1 header, CRLF included.
 pub const MAX_V1: usize = 107;
-/// The longest v2 header: 16 fixed bytes and a 16-bit length of addresses and TLVs.
-pub const MAX_V2: usize = 16 + 65535;
+/// The longest v2 header accepted. The format allows 16 + 65535 bytes; balancers send the
+/// addresses and a few TLVs (HAProxy's SSL and unique-id TLVs included, well under 1 KiB).
+/// The bound matters because an incomplete header is peeked again on every readable event:
+/// a trusted balancer trickling a 64 KiB header byte by byte would cost gigabytes of copying
+/// within its timeout, a 4 KiB one at most 16 MB.
+pub const MAX_V2: usize = 4096;
 /// What is peeked first: the spec's recommended buffer, enough for v1 and for v2 with the
 /// usual TLVs; a longer v2 header is peeked again at its announced length.
 const FIRST_PEEK: usize = 536;
@@ -83,6 +87,23 @@ impl std::fmt::Display for Version {
             Version::V2 => "v2",
             Version::Any => "any",
         })
+    }
+}
+
+/// One trusted balancer or network, as written on a command line: `10.0.0.2`, `10.0.0.0/24`,
+/// `fd00::/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trusted(pub IpNet);
+
+impl FromStr for Trusted {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let net = if s.contains('/') {
+            s.parse::<IpNet>().map_err(|e| format!("{s:?}: {e}"))?
+        } else {
+            IpNet::from(s.parse::<IpAddr>().map_err(|e| format!("{s:?}: {e}"))?)
+        };
+        Ok(Trusted(net.trunc()))
     }
 }
 
@@ -282,9 +303,14 @@ pub fn try_read(socket: &socket2::Socket, version: Version) -> io::Result<Step> 
             }
             Step::More => {
                 let want = wanted(seen);
+                if want > MAX_V2 {
+                    return Ok(Step::Invalid(format!(
+                        "a PROXY v2 header of {want} bytes (at most {MAX_V2} are accepted)"
+                    )));
+                }
                 if want > buf.len() && n == buf.len() {
                     // A long v2 header: look again at its whole length.
-                    buf.resize(want.min(MAX_V2), MaybeUninit::uninit());
+                    buf.resize(want, MaybeUninit::uninit());
                     continue;
                 }
                 return Ok(Step::More);
@@ -377,6 +403,61 @@ pub fn read_blocking<S: AsRawFd>(
         if r > 0 {
             std::thread::sleep(Duration::from_millis(1).min(left));
         }
+    }
+}
+
+/// [`read_blocking`] for tokio (feature `tokio`): check the balancer, wait (up to the timeout,
+/// without blocking the runtime) for the header, consume it.
+///
+/// ```no_run
+/// # async fn f(listener: tokio::net::TcpListener) -> std::io::Result<()> {
+/// use small_services::proxy::{self, Header, Rules, Version};
+/// let rules = Rules {
+///     version: Version::V2,
+///     from: vec!["10.0.0.2/32".parse().unwrap()],
+///     timeout: proxy::DEFAULT_TIMEOUT,
+/// };
+/// let (stream, peer) = listener.accept().await?;
+/// let client = match proxy::read_async(&stream, peer, &rules).await? {
+///     Ok(Header::Proxied { source, .. }) => source,
+///     Ok(_) => peer, // LOCAL or UNKNOWN: the connection's own address
+///     Err(refused) => return Ok(eprintln!("{peer}: {refused}")), // drop it unserved
+/// };
+/// # let _ = client; Ok(()) }
+/// ```
+#[cfg(feature = "tokio")]
+pub async fn read_async(
+    stream: &tokio::net::TcpStream,
+    peer: SocketAddr,
+    rules: &Rules,
+) -> io::Result<Result<Header, Refused>> {
+    if !rules.trusts(peer.ip()) {
+        return Ok(Err(Refused::Untrusted(peer.ip())));
+    }
+    let version = rules.version;
+    let read = async {
+        loop {
+            stream.readable().await?;
+            // An incomplete header is reported as WouldBlock so that tokio forgets the
+            // readiness and the next `readable` waits for more bytes instead of spinning.
+            let step = stream.try_io(tokio::io::Interest::READABLE, || {
+                match try_read(&socket2::SockRef::from(stream), version)? {
+                    Step::More => Err(io::ErrorKind::WouldBlock.into()),
+                    step => Ok(step),
+                }
+            });
+            match step {
+                Ok(Step::Done { header, .. }) => return Ok(Ok(header)),
+                Ok(Step::Invalid(why)) => return Ok(Err(Refused::Invalid(why))),
+                Ok(Step::More) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    };
+    match tokio::time::timeout(rules.timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Ok(Err(Refused::Timeout)),
     }
 }
 
@@ -485,6 +566,72 @@ mod tests {
         let mut bad = h.clone();
         bad[12] = 0x31;
         assert!(matches!(parse(Version::V2, &bad), Step::Invalid(_)));
+    }
+
+    #[cfg(feature = "tokio")]
+    #[test]
+    fn read_async_waits_for_pieces_and_times_out() {
+        use std::io::{Read, Write};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let rules = Rules {
+                version: Version::Any,
+                from: vec!["127.0.0.0/8".parse().unwrap()],
+                timeout: Duration::from_millis(300),
+            };
+            let client = std::thread::spawn(move || {
+                let mut c = std::net::TcpStream::connect(addr).unwrap();
+                let h = b"PROXY TCP4 203.0.113.7 192.0.2.1 40112 80\r\nafter";
+                c.write_all(&h[..9]).unwrap();
+                std::thread::sleep(Duration::from_millis(50));
+                c.write_all(&h[9..]).unwrap();
+                c
+            });
+            let (s, peer) = l.accept().await.unwrap();
+            let got = read_async(&s, peer, &rules).await.unwrap();
+            assert_eq!(
+                got,
+                Ok(Header::Proxied {
+                    source: "203.0.113.7:40112".parse().unwrap(),
+                    destination: "192.0.2.1:80".parse().unwrap()
+                })
+            );
+            let _c = client.join().unwrap();
+            let s = s.into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            let mut rest = [0u8; 5];
+            (&s).read_exact(&mut rest).unwrap();
+            assert_eq!(&rest, b"after");
+            // Silent: refused at the timeout.
+            let _silent = std::net::TcpStream::connect(addr).unwrap();
+            let (s, peer) = l.accept().await.unwrap();
+            assert_eq!(
+                read_async(&s, peer, &rules).await.unwrap(),
+                Err(Refused::Timeout)
+            );
+        });
+    }
+
+    #[test]
+    fn an_oversized_v2_header_is_refused_before_it_is_all_there() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        let mut h = v2_header(1, 0x11, &v4_addrs(), &[]);
+        h[14..16].copy_from_slice(&60000u16.to_be_bytes()); // announces 60,000 bytes
+        c.write_all(&h).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let s = socket2::Socket::from(s);
+        s.set_nonblocking(true).unwrap();
+        assert!(
+            matches!(try_read(&s, Version::V2).unwrap(), Step::Invalid(ref why) if why.contains("60016 bytes")),
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::protocols::{self, Protocol, Quotes};
+use crate::proxy;
 
 /// How the loop behaves.
 #[derive(Debug, Clone)]
@@ -52,6 +53,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// What qotd says.
     pub quotes: Quotes,
+    /// Stream connections start with a PROXY protocol header from these balancers.
+    pub proxy: Option<proxy::Rules>,
 }
 
 /// A socket clients arrive on.
@@ -148,6 +151,8 @@ struct Conn {
     pending: Vec<u8>,
     sent: usize,
     read_eof: bool,
+    /// Waiting for its PROXY header until then: nothing is served before it.
+    header_due: Option<Instant>,
 }
 
 enum Step {
@@ -165,6 +170,10 @@ enum CloseReason {
     TimedOut,
     Error(io::Error),
     ShutdownGraceOver,
+    /// Its PROXY header was refused (why).
+    Proxy(String),
+    /// A PROXY v2 LOCAL connection: the balancer's health check, closed.
+    ProxyLocal,
 }
 
 /// Whether a read or write failed because the client went away (reset, closed its end, the
@@ -188,6 +197,8 @@ impl fmt::Display for CloseReason {
             CloseReason::Error(e) if is_hang_up(e) => write!(f, "client went away: {e}"),
             CloseReason::Error(e) => write!(f, "error: {e}"),
             CloseReason::ShutdownGraceOver => f.write_str("closed: shutdown grace period over"),
+            CloseReason::Proxy(why) => write!(f, "closed unserved: {why}"),
+            CloseReason::ProxyLocal => f.write_str("PROXY LOCAL (a health check): closed"),
         }
     }
 }
@@ -406,10 +417,11 @@ impl Server {
             },
             None => Io::Socket(c.read),
         };
-        self.insert(io, source, c.protocol, c.peer);
+        self.insert(io, source, c.protocol, c.peer, false);
     }
 
-    fn insert(&mut self, io: Io, source: usize, protocol: Protocol, peer: String) {
+    /// Serve a new connection; `header`: it must first send a PROXY header.
+    fn insert(&mut self, io: Io, source: usize, protocol: Protocol, peer: String, header: bool) {
         let now = Instant::now();
         let idx = match self.free.pop() {
             Some(i) => i,
@@ -444,7 +456,10 @@ impl Server {
             let _ = socket2::SockRef::from(io.write_fd()).set_send_buffer_size(CHARGEN_SNDBUF);
         }
         let mut pending = Vec::new();
-        if protocol.is_one_shot() {
+        let header_due = header
+            .then(|| self.config.proxy.as_ref().map(|p| now + p.timeout))
+            .flatten();
+        if protocol.is_one_shot() && header_due.is_none() {
             pending = self.one_shot_reply(protocol);
         }
         self.conns[idx] = Some(Conn {
@@ -460,8 +475,12 @@ impl Server {
             pending,
             sent: 0,
             read_eof: false,
+            header_due,
         });
         self.open += 1;
+        if let Some(due) = header_due {
+            self.deadlines.push(Reverse((due, idx, generation)));
+        }
         self.deadlines.push(Reverse((
             now + self.config.connection_timeout,
             idx,
@@ -629,6 +648,17 @@ impl Server {
             else {
                 continue;
             };
+            if let Some(header_due) = conn.header_due {
+                if header_due <= now {
+                    let timeout = self.config.proxy.as_ref().map(|p| p.timeout);
+                    let why = format!(
+                        "no complete PROXY header in {:?}",
+                        timeout.unwrap_or_default()
+                    );
+                    self.close(idx, CloseReason::Proxy(why));
+                }
+                continue; // a connection timeout is set once the header is read
+            }
             let due = conn.last_progress + self.config.connection_timeout;
             if due <= now {
                 self.close(idx, CloseReason::TimedOut);
@@ -738,7 +768,17 @@ impl Server {
                     };
                     let protocol = self.listeners[i].l.protocol;
                     log::debug!("{}: accepted {peer}", self.listeners[i].l.name);
-                    self.insert(Io::Socket(OwnedFd::from(stream)), i, protocol, peer);
+                    if let Some(rules) = &self.config.proxy
+                        && !addr.as_socket().is_some_and(|a| rules.trusts(a.ip()))
+                    {
+                        log::warn!(
+                            "{} ({protocol}): peer {peer}: closed unserved: not in --proxy-from",
+                            self.listeners[i].l.name
+                        );
+                        continue;
+                    }
+                    let header = self.config.proxy.is_some();
+                    self.insert(Io::Socket(OwnedFd::from(stream)), i, protocol, peer, header);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e)
@@ -840,6 +880,13 @@ impl Server {
     }
 
     fn drive_and_handle(&mut self, idx: usize) {
+        if self.conns[idx]
+            .as_ref()
+            .is_some_and(|c| c.header_due.is_some())
+            && !self.read_header(idx)
+        {
+            return;
+        }
         let Some(conn) = self.conns[idx].as_mut() else {
             return;
         };
@@ -847,6 +894,63 @@ impl Server {
             Step::Wait => {}
             Step::Yield => self.again_conns.push(idx),
             Step::Close(reason) => self.close(idx, reason),
+        }
+    }
+}
+
+impl Server {
+    /// Look for connection `idx`'s PROXY header; true once it is read and the connection may
+    /// be served (false: wait for more, or it was closed).
+    fn read_header(&mut self, idx: usize) -> bool {
+        let Some(version) = self.config.proxy.as_ref().map(|p| p.version) else {
+            return true;
+        };
+        let Some(conn) = self.conns[idx].as_mut() else {
+            return false;
+        };
+        let socket = socket2::SockRef::from(conn.io.read_fd());
+        let step = match proxy::try_read(&socket, version) {
+            Ok(step) => step,
+            Err(e) => {
+                self.close(idx, CloseReason::Error(e));
+                return false;
+            }
+        };
+        match step {
+            proxy::Step::More => false,
+            proxy::Step::Invalid(why) => {
+                self.close(idx, CloseReason::Proxy(why));
+                false
+            }
+            proxy::Step::Done {
+                header: proxy::Header::Local,
+                ..
+            } => {
+                self.close(idx, CloseReason::ProxyLocal);
+                false
+            }
+            proxy::Step::Done { header, .. } => {
+                conn.header_due = None;
+                let now = Instant::now();
+                conn.last_progress = now;
+                let generation = conn.generation;
+                self.deadlines.push(Reverse((
+                    now + self.config.connection_timeout,
+                    idx,
+                    generation,
+                )));
+                if let proxy::Header::Proxied { source, .. } = header {
+                    conn.peer = format!("{source} via {}", conn.peer);
+                }
+                let protocol = conn.protocol;
+                if protocol.is_one_shot() {
+                    let reply = self.one_shot_reply(protocol);
+                    if let Some(conn) = self.conns[idx].as_mut() {
+                        conn.pending = reply;
+                    }
+                }
+                true
+            }
         }
     }
 }

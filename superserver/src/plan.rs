@@ -75,6 +75,19 @@ pub fn run_line(s: &Service) -> String {
     if !s.access.is_empty() {
         parts.push("allow/deny rules".to_string());
     }
+    if let Some(p) = &s.proxy {
+        let from: Vec<String> = p.from.iter().map(ToString::to_string).collect();
+        let version = match p.version {
+            superserver_config::ProxyVersion::V1 => "v1",
+            superserver_config::ProxyVersion::V2 => "v2",
+            superserver_config::ProxyVersion::Any => "v1 or v2",
+        };
+        parts.push(format!(
+            "PROXY {version} from {} within {}",
+            from.join(", "),
+            crate::children::human(p.timeout)
+        ));
+    }
     parts.join("; ")
 }
 

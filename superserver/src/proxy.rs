@@ -28,6 +28,18 @@ struct Waiting {
     slot: usize,
     conn: socket2::Socket,
     balancer: SocketAddr,
+    due: Instant,
+}
+
+/// A connection waiting for its header, across an in-place upgrade: its descriptor stays
+/// open through the exec, and the new image goes on waiting for the rest of its time.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SavedHeader {
+    pub(crate) fd: i32,
+    pub(crate) service: String,
+    pub(crate) slot: usize,
+    pub(crate) balancer: SocketAddr,
+    pub(crate) left_ms: u64,
 }
 
 /// The connections waiting for their header (each also counts in its service's `waiting`,
@@ -120,16 +132,76 @@ impl<S: Source> Daemon<S> {
             );
             return;
         }
+        let due = Instant::now() + timeout;
         self.services[i].waiting += 1;
         let waiting = Waiting {
             svc_id,
             slot,
             conn,
             balancer,
+            due,
         };
         self.headers.waiting.insert(token, waiting);
-        self.add_timer(Instant::now() + timeout, Timer::Header(token.0));
+        self.add_timer(due, Timer::Header(token.0));
         self.rearm(i);
+    }
+
+    /// What an in-place upgrade carries of the connections waiting for their header.
+    pub(crate) fn save_headers(&self) -> Vec<SavedHeader> {
+        let now = Instant::now();
+        self.headers
+            .waiting
+            .values()
+            .filter_map(|w| {
+                let svc = &self.services[self.find(w.svc_id)?];
+                Some(SavedHeader {
+                    fd: w.conn.as_raw_fd(),
+                    service: svc.def.name.clone(),
+                    slot: w.slot,
+                    balancer: w.balancer,
+                    left_ms: w.due.saturating_duration_since(now).as_millis() as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// The new image takes the waiting connections over (one whose service is gone closes).
+    pub(crate) fn restore_headers(&mut self, saved: Vec<SavedHeader>) {
+        for h in saved {
+            // SAFETY: the old image left this connection open at this number for us.
+            let conn = unsafe { <socket2::Socket as std::os::fd::FromRawFd>::from_raw_fd(h.fd) };
+            let Some(i) = self.services.iter().position(|s| s.def.name == h.service) else {
+                continue;
+            };
+            if self.services[i].def.proxy.is_none() {
+                continue;
+            }
+            let token = Token(HEADER_BASE + self.headers.next);
+            self.headers.next = (self.headers.next + 1) % (usize::MAX / 4 - 1);
+            if self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&h.fd), token, Interest::READABLE)
+                .is_err()
+            {
+                continue;
+            }
+            let due = Instant::now() + std::time::Duration::from_millis(h.left_ms);
+            self.services[i].waiting += 1;
+            let svc_id = self.services[i].id;
+            self.headers.waiting.insert(
+                token,
+                Waiting {
+                    svc_id,
+                    slot: h.slot,
+                    conn,
+                    balancer: h.balancer,
+                    due,
+                },
+            );
+            self.add_timer(due, Timer::Header(token.0));
+            self.rearm(i);
+        }
     }
 
     /// A connection waiting for its header is readable.

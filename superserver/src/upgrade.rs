@@ -43,6 +43,9 @@ pub struct Saved {
     pub retired: Vec<(String, Counters)>,
     #[serde(default)]
     pub drained_all: bool,
+    /// Connections waiting for their PROXY header (their descriptors cross the exec).
+    #[serde(default)]
+    pub headers: Vec<crate::proxy::SavedHeader>,
 }
 
 /// A listening socket: its fd number (open across the exec) and what it is.
@@ -210,6 +213,7 @@ impl<S: Source> Daemon<S> {
                 .map(|(n, c)| (n.clone(), (**c).clone()))
                 .collect(),
             drained_all: self.drained_all,
+            headers: self.save_headers(),
         }
     }
 
@@ -304,6 +308,7 @@ impl<S: Source> Daemon<S> {
                 },
             );
         }
+        self.restore_headers(saved.headers);
         for i in 0..self.services.len() {
             self.rearm(i);
         }
@@ -336,7 +341,12 @@ impl<S: Source> Daemon<S> {
         );
         crate::notify::reloading();
         crate::logging::flush();
-        let fds: Vec<RawFd> = saved.sockets.iter().map(|s| s.fd).collect();
+        let fds: Vec<RawFd> = saved
+            .sockets
+            .iter()
+            .map(|s| s.fd)
+            .chain(saved.headers.iter().map(|h| h.fd))
+            .collect();
         let err = exec_with(&binary, &fds, &memfd);
         // Still here: the exec failed. Everything is as it was.
         crate::notify::ready("upgrade failed; still running the old binary");

@@ -291,7 +291,7 @@ fn the_agent_tells_the_balancer_what_each_service_can_take() {
         .parse()
         .unwrap();
     let config = format!(
-        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\nagent = \"{agent_addr}\"\n\n\
+        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\nagent = \"{agent_addr}\"\nrestart_backoff_min = \"2s\"\n\n\
          [service.web]\nmode = \"nowait\"\nexec = [\"/bin/sh\", \"-c\", \"read x; echo $x\"]\nlisten = \"{addr}\"\nmax_instances = 5\nproxy_protocol = \"v1\"\nproxy_from = [\"127.0.0.2\"]\n\n\
          [service.broken]\nexec = [\"/bin/false\"]\nlisten = \"{wait_addr}\"\n"
     );
@@ -316,7 +316,7 @@ fn the_agent_tells_the_balancer_what_each_service_can_take() {
     assert_eq!(agent(agent_addr, "web\n"), "up ready maxconn:5\n");
     // The wait-mode service that keeps failing backs off: down, with the reason.
     let _ = TcpStream::connect(wait_addr);
-    server.wait_log("broken: back-off");
+    server.wait_log_all(&["broken: pid", "back-off: next start"]);
     assert!(
         agent(agent_addr, "broken\n").starts_with("down#backing off"),
         "backing off"
@@ -349,4 +349,71 @@ fn the_agent_tells_the_balancer_what_each_service_can_take() {
     assert_eq!(agent(agent_addr, "web\n"), "up ready maxconn:5\n");
     let out = ctl(&["drain", "nope"], &control);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+/// A wait-mode service reads the header itself: small-services --proxy-protocol under the
+/// superserver serves the balancer's clients, refuses an untrusted peer and a garbage header
+/// without serving them, and its log names the client.
+#[test]
+fn a_wait_service_reads_the_header_through_the_library() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let config = format!(
+        "[service.echo]\nexec = [\"{{SMALL}}\", \"--protocol\", \"echo\", \"--proxy-protocol\", \"any\", \"--proxy-from\", \"127.0.0.2\", \"--proxy-timeout\", \"500ms\"]\nlisten = \"{addr}\"\n"
+    );
+    let server = Server::start(&config, vec![l]);
+    let mut s = connect_from("127.0.0.2", addr).unwrap();
+    s.write_all(&v2([203, 0, 113, 7], 4242, [192, 0, 2, 1], 7, 0))
+        .unwrap();
+    s.write_all(b"through the balancer\n").unwrap();
+    assert_eq!(line_of(&s).unwrap(), "through the balancer\n");
+    drop(s);
+    server.wait_log("peer 203.0.113.7:4242 via 127.0.0.2:");
+    // Untrusted, garbage, silent: nothing echoed.
+    for (from, bytes) in [
+        (
+            "127.0.0.3",
+            &b"PROXY TCP4 203.0.113.7 192.0.2.1 1 7\r\nhi\n"[..],
+        ),
+        ("127.0.0.2", &b"hi\n"[..]),
+        ("127.0.0.2", &b""[..]),
+    ] {
+        let mut s = connect_from(from, addr).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(out.is_empty(), "{from} {bytes:?}: {out:?}");
+    }
+    server.wait_log_all(&["127.0.0.3", "not in --proxy-from"]);
+    server.wait_log("no complete PROXY header");
+}
+
+/// A connection whose header is half-sent when the superserver upgrades in place is carried
+/// across the exec: the rest arrives at the new image and the client is served.
+#[test]
+fn a_header_in_flight_survives_an_upgrade() {
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let config = format!(
+        "[superserver]\ncontrol = \"{{DIR}}/ctl\"\n\
+         [service.who]\nmode = \"nowait\"\n{WHO}\nlisten = \"{addr}\"\nproxy_protocol = \"v2\"\nproxy_from = [\"127.0.0.2\"]\nproxy_timeout = \"20s\"\n"
+    );
+    let server = Server::start(&config, vec![l]);
+    let control = server.dir.path().join("ctl");
+    let header = v2([203, 0, 113, 7], 4242, [192, 0, 2, 1], 80, 0);
+    let mut s = connect_from("127.0.0.2", addr).unwrap();
+    s.write_all(&header[..10]).unwrap();
+    wait_until("the header is waited for", || {
+        status_json(&control)["services"][0]["counters"]["accepted"] == 1
+    });
+    let new = server.dir.path().join("superserver-new");
+    std::fs::copy(superserver_bin(), &new).unwrap();
+    success_stdout(ctl(
+        &["upgrade", "--binary", new.to_str().unwrap()],
+        &control,
+    ));
+    s.write_all(&header[10..]).unwrap();
+    s.write_all(b"after the upgrade\n").unwrap();
+    assert_eq!(
+        line_of(&s).unwrap(),
+        "203.0.113.7 4242 203.0.113.7 192.0.2.1 80 127.0.0.2\n"
+    );
 }
