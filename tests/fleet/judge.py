@@ -3,6 +3,7 @@
 
     judge.py addresses RESULTS EXPECTED_COUNT LB_FRONT LB_BACK LABEL
     judge.py kill RESULTS HOST T_KILL WINDOW
+    judge.py vanish RESULTS HOST T_LINK_DOWN WINDOW
     judge.py drain RESULTS HOST T_DRAIN AGENT_INTER
     judge.py undrain RESULTS HOST T_UNDRAIN SETTLE
     judge.py upgrade RESULTS
@@ -75,27 +76,29 @@ def addresses(recs, expected, lb_front, lb_back, label):
     result(len(hosts) == 3, "%s: every host served" % label, per_host(ok))
 
 
-def kill(recs, host, t_kill, window):
+def kill(recs, host, t_kill, window, label="kill", event="the kill"):
     before = [r for r in recs if r["t1"] < t_kill]
     inside = [r for r in recs if r["t1"] >= t_kill and r["t0"] < t_kill + window]
     after = [r for r in recs if r["t0"] >= t_kill + window]
     bad = lambda rs: [r for r in rs if not r["ok"]]
-    result(not bad(before), "kill: no failure before the kill", "%d connections" % len(before))
-    # Inside the window failures are expected (the sessions the killed host was serving);
+    result(not bad(before), "%s: no failure before %s" % (label, event), "%d connections" % len(before))
+    # Inside the window failures are expected (the sessions the lost host was serving);
     # they are counted, not judged.
+    slowest = max((r["t1"] - r["t0"] for r in inside if r["ok"]), default=0)
     print(
-        "INFO kill: inside the check window (%.1f s from the kill): %d connections, %d failed (%s)"
-        % (window, len(inside), len(bad(inside)), errors(bad(inside)))
+        "INFO %s: inside the check window (%.1f s from %s): %d connections, %d failed (%s), "
+        "the slowest answered one took %.2f s"
+        % (label, window, event, len(inside), len(bad(inside)), errors(bad(inside)), slowest)
     )
     result(
         len(after) > 0 and not bad(after),
-        "kill: 0 failed connections once the check window has passed",
+        "%s: 0 failed connections once the check window has passed" % label,
         "%d connections started after it, %d failed (%s); per host %s"
         % (len(after), len(bad(after)), errors(bad(after)), per_host([r for r in after if r["ok"]])),
     )
     show(bad(after))
     late = [r for r in after if r["ok"] and r.get("host") == host]
-    result(not late, "kill: nothing reached the killed host after the window", "%d" % len(late))
+    result(not late, "%s: nothing reached %s after the window" % (label, host), "%d" % len(late))
 
 
 def drain(recs, host, t_drain, inter):
@@ -173,6 +176,8 @@ if __name__ == "__main__":
         addresses(recs, int(rest[0]), rest[1], rest[2], rest[3])
     elif cmd == "kill":
         kill(recs, rest[0], float(rest[1]), float(rest[2]))
+    elif cmd == "vanish":
+        kill(recs, rest[0], float(rest[1]), float(rest[2]), "vanish", "losing the link")
     elif cmd == "drain":
         drain(recs, rest[0], float(rest[1]), float(rest[2]))
     elif cmd == "undrain":
