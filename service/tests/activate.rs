@@ -1,8 +1,9 @@
 //! The `activate` library through its two examples (`axum_hello`, `threadpool_echo`), each under
 //! real launchers (systemd-socket-activate, systemfd --no-pid, binding by itself, the
-//! superserver in wait mode), over TCP and unix sockets; and the race test: thousands of HTTP
-//! requests across dozens of idle exits under a re-arming launcher, none lost, while a
-//! deliberately naive idle exit loses some under the same load.
+//! superserver in wait mode), over TCP and unix sockets; and the race test: 10,000 HTTP
+//! requests across dozens of idle exits, under a re-arming launcher written here and under the
+//! real superserver in wait mode, none lost, while a deliberately naive idle exit loses some
+//! under the same load. (The same cells and race under real systemd: systemd/tests/run-all.)
 
 mod util;
 
@@ -986,7 +987,9 @@ fn race_10000_requests_under_the_superserver_in_wait_mode_lose_nothing() {
     // it from a service that does not take its connections and backs off (100 ms, doubling)
     // before the next start. The client waits in the queue meanwhile; nothing is lost.
     let backoffs = log.matches("it left its connections waiting").count();
-    let again = log.matches("connections are waiting: starting it again").count();
+    let again = log
+        .matches("connections are waiting: starting it again")
+        .count();
     eprintln!(
         "race under the superserver: {ok} ok, {failed} failed, {starts} activations, {} exits \
          ({again} with a client already queued, restarted at once; {backoffs} restarted after \
