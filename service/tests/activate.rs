@@ -485,28 +485,25 @@ fn a_connection_queued_while_nobody_runs_is_served_by_the_next_activation() {
 
 // --- the superserver in wait mode ----------------------------------------------------------
 
-fn superserver_bin() -> Option<PathBuf> {
-    static BIN: OnceLock<Option<PathBuf>> = OnceLock::new();
+/// The superserver binary, built by cargo (a workspace member: a build failure fails the
+/// test, it never skips it).
+fn superserver_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        match escargot::CargoBuild::new()
+        escargot::CargoBuild::new()
             .package("superserver")
             .bin("superserver")
             .current_release()
             .run()
-        {
-            Ok(run) => Some(run.path().to_path_buf()),
-            Err(e) => {
-                eprintln!("SKIPPED: cannot build the superserver binary: {e}");
-                None
-            }
-        }
+            .unwrap_or_else(|e| panic!("building the superserver: {e}"))
+            .path()
+            .to_path_buf()
     })
-    .clone()
 }
 
 /// The superserver in wait mode with `program` on a TCP and a unix socket.
-fn superserver(program: &str, dir: &Path, tcp_port: u16, unix: &Path) -> Option<Child> {
-    let bin = superserver_bin()?;
+fn superserver(program: &str, dir: &Path, tcp_port: u16, unix: &Path) -> Child {
+    let bin = superserver_bin();
     let root = nix_is_root();
     let config = format!(
         "[service.web]\nexec = [\"{program}\"]\n{}env = {{ ACTIVATION_IDLE_TIMEOUT = \"{IDLE}\" }}\n\
@@ -522,7 +519,7 @@ fn superserver(program: &str, dir: &Path, tcp_port: u16, unix: &Path) -> Option<
         .group()
         .spawn();
     child.wait_line("ready", DEADLINE);
-    Some(child)
+    child
 }
 
 fn nix_is_root() -> bool {
@@ -536,10 +533,7 @@ fn both_examples_under_the_superserver_in_wait_mode_tcp_and_unix() {
         let dir = tempfile::tempdir().unwrap();
         let port = free_tcp_port();
         let sock = dir.path().join("web.sock");
-        let Some(server) = superserver(program, dir.path(), port, &sock) else {
-            eprintln!("SKIPPED: superserver cell (no superserver binary)");
-            return;
-        };
+        let server = superserver(program, dir.path(), port, &sock);
         let check = serve_check(program);
         let tcp = Addr::Tcp(([127, 0, 0, 1], port).into());
         let unix = Addr::Unix(sock.clone());
@@ -949,8 +943,7 @@ fn race_10000_requests_under_the_superserver_in_wait_mode_lose_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_tcp_port();
     let sock = dir.path().join("web.sock");
-    let server = superserver(axum_hello(), dir.path(), port, &sock)
-        .expect("the superserver is a workspace binary: it must build");
+    let server = superserver(axum_hello(), dir.path(), port, &sock);
     let addrs = [
         Addr::Tcp(([127, 0, 0, 1], port).into()),
         Addr::Unix(sock.clone()),
