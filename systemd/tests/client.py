@@ -17,8 +17,16 @@ so a silent server fails the check instead of hanging it. Usage:
                                    answered, keep them open until FILE exists (max 20 s)
   client.py hammer FILE PORT...    daytime connections round-robin until FILE exists;
                                    fails if any connection is refused or unanswered
+  client.py http-race PHASES N ADDR...
+                                   N HTTP/1.1 GET / (body "Hello, World!") in PHASES rounds
+                                   from 6 threads spread over the ADDRs (tcp:PORT or
+                                   unix:PATH): one-shot, keep-alive and slow keep-alive
+                                   connections, with pauses between rounds around a 200 ms
+                                   idle timeout; prints the tally, fails if any request
+                                   failed
 """
 import os
+import random
 import re
 import socket
 import sys
@@ -214,6 +222,138 @@ def hammer(stop: str, *ports: int) -> str:
     return f"{ok} connections answered, none refused"
 
 
+HELLO = b"Hello, World!"
+
+
+def http_dial(addr: str) -> socket.socket:
+    kind, _, where = addr.partition(":")
+    if kind == "tcp":
+        s = socket.create_connection((HOST, int(where)), timeout=TIMEOUT)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return s
+    if kind == "unix":
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(TIMEOUT)
+        s.connect(where)
+        return s
+    raise CheckFailed(f"address {addr!r}: expected tcp:PORT or unix:PATH")
+
+
+def http_get(s: socket.socket, buf: bytearray, close: bool) -> None:
+    """One GET / on s; checks status 200 and the body. buf holds bytes read past the answer."""
+    s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n" + (b"Connection: close\r\n" if close else b"") + b"\r\n")
+    while b"\r\n\r\n" not in buf:
+        b = s.recv(65536)
+        if not b:
+            raise CheckFailed(f"EOF before the end of the headers ({bytes(buf[:80])!r})")
+        buf += b
+    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 200"):
+        raise CheckFailed(f"status line {lines[0]!r}")
+    length = None
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v)
+    if length is None:
+        raise CheckFailed("no content-length")
+    while len(rest) < length:
+        b = s.recv(65536)
+        if not b:
+            raise CheckFailed("EOF in the body")
+        rest += b
+    if rest[:length] != HELLO:
+        raise CheckFailed(f"body {rest[:length]!r}")
+    buf[:] = rest[length:]
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.failed = 0
+        self.errors = []
+
+    def record(self, err=None, count=1):
+        with self.lock:
+            if err is None:
+                self.ok += count
+            else:
+                self.failed += count
+                if len(self.errors) < 10:
+                    self.errors.append(err)
+
+
+def http_connection(addr: str, n: int, pause: float, tally: Tally) -> None:
+    """n requests on one connection (the last asks to close), pause seconds between them."""
+    try:
+        s = http_dial(addr)
+    except OSError as e:
+        tally.record(f"{addr}: connect: {e}", n)
+        return
+    with s:
+        buf = bytearray()
+        for i in range(n):
+            try:
+                http_get(s, buf, close=i + 1 == n)
+            except (OSError, CheckFailed) as e:
+                tally.record(f"{addr}: request {i + 1} of {n}: {e}", n - i)
+                return
+            tally.record()
+            if pause and i + 1 < n:
+                time.sleep(pause)
+
+
+def client_round(addr: str, rng: random.Random, tally: Tally) -> int:
+    """One client's work: one-shot requests, a fast keep-alive connection, or a slow one that
+    stays open longer than the idle timeout. Returns the number of requests."""
+    k = rng.randrange(10)
+    if k < 4:
+        n = 1 + rng.randrange(12)
+        for _ in range(n):
+            http_connection(addr, 1, 0, tally)
+        return n
+    if k < 8:
+        n = 2 + rng.randrange(40)
+        http_connection(addr, n, 0, tally)
+        return n
+    http_connection(addr, 6, 0.06, tally)
+    return 6
+
+
+def http_race(phases: int, total: int, *addrs: str) -> str:
+    clients, tally, rng = 6, Tally(), random.Random(0x9E3779B97F4A7C15)
+    per_phase = total // phases
+    sent = [0]
+    sent_lock = threading.Lock()
+    for phase in range(phases):
+        start = sent[0]
+
+        def client(addr, seed):
+            r = random.Random(seed)
+            time.sleep(r.randrange(30) / 1000)
+            while sent[0] - start < per_phase:
+                n = client_round(addr, r, tally)
+                with sent_lock:
+                    sent[0] += n
+
+        threads = [threading.Thread(target=client, args=(addrs[c % len(addrs)], rng.getrandbits(64)))
+                   for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        # Quiet: on even rounds longer than the 200 ms idle timeout (an idle exit, then a new
+        # activation); on odd rounds 195..215 ms, so the next clients arrive right around the
+        # exit decision.
+        time.sleep((300 + rng.randrange(50) if phase % 2 == 0 else 195 + rng.randrange(20)) / 1000)
+    line = f"{tally.ok} requests answered, {tally.failed} failed"
+    if tally.failed or tally.ok < per_phase * phases:
+        raise CheckFailed(f"{line}; first errors: {tally.errors[:5]}")
+    return line
+
+
 COMMANDS = {
     "echo-tcp": echo_tcp, "echo-udp": echo_udp, "discard": discard, "chargen": chargen,
     "qotd": qotd, "daytime-tcp": daytime_tcp, "daytime-udp": daytime_udp,
@@ -227,6 +367,8 @@ def main(argv: list) -> int:
             print(COMMANDS[argv[0]](int(argv[1])))
         elif len(argv) == 4 and argv[0] == "echo-hold":
             print(echo_hold(int(argv[1]), int(argv[2]), argv[3]))
+        elif len(argv) >= 4 and argv[0] == "http-race":
+            print(http_race(int(argv[1]), int(argv[2]), *argv[3:]))
         elif len(argv) >= 3 and argv[0] == "hammer":
             print(hammer(argv[1], *map(int, argv[2:])))
         else:
