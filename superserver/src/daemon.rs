@@ -36,8 +36,9 @@ pub(crate) const QUICK_EXIT: Duration = Duration::from_secs(1);
 /// Pause accepting after `EMFILE`/`ENFILE` rather than spinning on a readable listener.
 pub(crate) const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// Where the configuration comes from, so that SIGHUP can read it again.
-pub trait Source {
+/// Where the configuration comes from, so that SIGHUP can read it again (on a thread of its
+/// own: a copy of it goes there).
+pub trait Source: Clone + Send + 'static {
     fn load(&self) -> Result<Config, ConfigErrors>;
     /// The file name used in messages.
     fn origin(&self) -> String;
@@ -92,6 +93,8 @@ pub struct Daemon<S: Source> {
     pub(crate) pending_upgrade: Option<Option<std::path::PathBuf>>,
     /// Why the last upgrade attempt failed (shown by `status`).
     pub(crate) last_upgrade_error: Option<String>,
+    /// A SIGHUP's reload whose file is being read off the loop.
+    pub(crate) background: crate::reload::Background,
 }
 
 impl<S: Source> Daemon<S> {
@@ -162,6 +165,7 @@ impl<S: Source> Daemon<S> {
             upgrades: 0,
             pending_upgrade: None,
             last_upgrade_error: None,
+            background: Default::default(),
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
@@ -281,6 +285,7 @@ impl<S: Source> Daemon<S> {
                         }
                     }
                     CONTROL | METRICS => self.control_accept(event.token()),
+                    crate::reload::RELOADED => self.reload_loaded(),
                     token if Control::is_client(token) => self.control_client(token),
                     token => self.on_readable(token),
                 }
@@ -305,9 +310,7 @@ impl<S: Source> Daemon<S> {
     pub(crate) fn on_signal(&mut self, sig: i32) {
         match sig {
             SIGCHLD => self.reap(),
-            SIGHUP => {
-                self.reload();
-            }
+            SIGHUP => self.reload_in_background(),
             SIGTERM | SIGINT => self.shutdown(sig),
             // The binary now at our path, in place; the reason is logged if it cannot be.
             SIGUSR2 => self.pending_upgrade = Some(None),

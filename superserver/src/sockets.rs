@@ -528,6 +528,11 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// True when it holds no socket for reuse by address.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
     /// Put a socket back for possible reuse.
     pub fn put(&mut self, bound: Bound) {
         self.sockets.insert(bound.addr.clone(), bound);
