@@ -72,6 +72,7 @@ pub(crate) fn parse(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Con
         opts,
         seen: Vec::new(),
         names: HashMap::new(),
+        socket_dirs: HashMap::new(),
     };
     let config = v.run();
     v.finish_file();
@@ -264,6 +265,9 @@ struct Validator<'a> {
     seen: Vec<Seen>,
     /// Every service name so far: (file index, line).
     names: HashMap<String, (usize, usize)>,
+    /// Unix socket directories checked so far, with the outcome (ten thousand sockets in one
+    /// directory are one `stat`).
+    socket_dirs: HashMap<PathBuf, Result<(), String>>,
 }
 
 impl Validator<'_> {
@@ -1304,7 +1308,16 @@ impl Validator<'_> {
                 }
             };
             if let ListenAddr::Unix(path) = &addr {
-                if let Err(m) = check_socket_directory(path) {
+                let dir = path.parent().unwrap_or(path);
+                let checked = match self.socket_dirs.get(dir) {
+                    Some(outcome) => outcome.clone(),
+                    None => {
+                        let outcome = check_socket_directory(path);
+                        self.socket_dirs.insert(dir.to_path_buf(), outcome.clone());
+                        outcome
+                    }
+                };
+                if let Err(m) = checked {
                     self.error(text.span(), &key, m);
                 }
             }

@@ -212,7 +212,7 @@ impl Template {
                 me.name, me.uid
             ));
         }
-        let program = Program::new(&svc.program, who.clone())?;
+        let program = interned.program(&svc.program, &who)?;
         let argv = interned.intern(
             svc.argv
                 .iter()
@@ -642,20 +642,36 @@ thread_local! {
     static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 128 * 1024]);
 }
 
-/// The argv and environment lists already prepared while loading one configuration: services
-/// that share one (a thousand services with the same pass-list, say) share one copy. Found by
-/// hash, so a table of distinct lists costs linear time.
+/// What loading one configuration already prepared: argv and environment lists (services that
+/// share one, a thousand services with the same pass-list say, share one copy) and programs
+/// checked for a user (the next service with the same program and user starts from that
+/// check instead of opening and reading the file again). Found by hash, so a table of ten
+/// thousand services costs linear time.
 #[derive(Default)]
-struct Interner(HashSet<Arc<[CString]>>);
+struct Interner {
+    lists: HashSet<Arc<[CString]>>,
+    programs: std::collections::HashMap<(std::path::PathBuf, Identity), Program>,
+}
 
 impl Interner {
+    /// `path` opened and checked for `who`, or a copy of the check made for an earlier service.
+    fn program(&mut self, path: &std::path::Path, who: &Identity) -> Result<Program, String> {
+        let key = (path.to_path_buf(), who.clone());
+        if let Some(p) = self.programs.get(&key) {
+            return Ok(p.clone());
+        }
+        let program = Program::new(path, who.clone())?;
+        self.programs.insert(key, program.clone());
+        Ok(program)
+    }
+
     /// One shared copy of each distinct list of C strings.
     fn intern(&mut self, list: Vec<CString>) -> Arc<[CString]> {
-        if let Some(shared) = self.0.get(&list[..]) {
+        if let Some(shared) = self.lists.get(&list[..]) {
             return shared.clone();
         }
         let shared: Arc<[CString]> = list.into();
-        self.0.insert(shared.clone());
+        self.lists.insert(shared.clone());
         shared
     }
 }
