@@ -728,6 +728,17 @@ P("- **default job, cold first byte**: the first connection starts small-service
   "default job's process start to beat no process start; it is reported, not expected to pass.")
 P("- **idle wake-ups**: none: no timers run while idle; the only wake-ups are events (a connection, a "
   "child exiting, a signal).")
+P("- **nowait against the accept ceiling**: `bench/accept-ceiling.c` does only what any nowait superserver must (accept4, "
+  "posix_spawn or fork+exec of the same child with the same environment, close, reap on SIGCHLD), so the ratio is the "
+  "superserver's own overhead per connection: its session per child (setsid), the program opened by descriptor, limits, "
+  "counters and the peer checks. Both are bound by the child's exec and exit on the server CPU; the stated spread is "
+  "between repetitions of the same run.")
+P("- **the table of services**: `--check` and start-up are bound by parsing and validating the TOML (linear in its size) "
+  "and, at start-up, by the kernel's work per socket (socket, bind of a new inode, listen, epoll registration, one fd-store "
+  "message each) and one log line per socket; idle memory by the services' definitions, templates and sockets. A reload "
+  "reads, parses and validates on a thread of its own, so the loop's share is the diff alone (compare by name, swap what "
+  "changed); on a 2-CPU machine the reading thread shares the server CPU with the loop (everything of the server is "
+  "pinned to CPU 1), which is what the stall column shows.")
 P("")
 with open(out_path, "w") as f:
     f.write("\n".join(L) + "\n")
