@@ -604,8 +604,8 @@ impl Validator<'_> {
         let mut removed = Vec::new();
         let unknown: Vec<String> = table
             .iter()
+            .filter(|(k, _)| !T::KEYS.contains(&k.get_ref().as_ref()))
             .map(|(k, _)| k.get_ref().to_string())
-            .filter(|k| !T::KEYS.contains(&k.as_str()))
             .collect();
         for name in unknown {
             let (k, _) = table.remove_entry(name.as_str()).expect("key just listed");

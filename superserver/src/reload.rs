@@ -92,12 +92,10 @@ impl<S: Source> Daemon<S> {
         self.background.waker = Some(waker.clone());
         let source = self.source.clone();
         let (tx, rx) = mpsc::channel();
-        let spawned = std::thread::Builder::new()
-            .name("reload".into())
-            .spawn(move || {
-                let _ = tx.send(load_and_prepare(&source));
-                let _ = waker.wake();
-            });
+        let spawned = spawn_quiet("reload", move || {
+            let _ = tx.send(load_and_prepare(&source));
+            let _ = waker.wake();
+        });
         match spawned {
             Ok(handle) => self.background.running = Some((handle, rx)),
             Err(e) => {
@@ -513,17 +511,33 @@ impl<S: Source> Daemon<S> {
 /// thread of its own, and then give the memory back to the system, while the loop serves: ten
 /// thousand of them take milliseconds to free.
 fn drop_off_the_loop(garbage: impl Send + 'static) {
-    let spawned = std::thread::Builder::new()
-        .name("reload-free".into())
-        .spawn(move || {
-            drop(garbage);
-            give_back_heap();
-        });
+    let spawned = spawn_quiet("reload-free", move || {
+        drop(garbage);
+        give_back_heap();
+    });
     // Without a thread, it was freed here (the closure is dropped): give the heap back now.
     if let Err(e) = spawned {
         log::debug!("reload: cannot start a thread to free the old table ({e})");
         give_back_heap();
     }
+}
+
+/// Start a helper thread with every signal blocked, so that signals keep going to the event
+/// loop's thread (whose handlers wake the loop, and which blocks them itself across an
+/// in-place upgrade's exec). They are blocked around the spawn, so the thread starts with them
+/// blocked and none can land in between.
+fn spawn_quiet<F: FnOnce() + Send + 'static>(
+    name: &str,
+    f: F,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    let mut old = SigSet::empty();
+    let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old));
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+    if blocked.is_ok() {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    spawned
 }
 
 /// The CPU time this thread has used: what applying a reload cost the loop, apart from the
