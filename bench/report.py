@@ -273,6 +273,17 @@ def spread(a, b):
 
 
 for t in ("c1", "c32"):
+    # The same comparison by the server tree's CPU time per connection (ceiling ÷ superserver, so
+    # that higher is better as above): unlike conn/s it holds when outside load shares the CPU.
+    sp = spread(cpu_per_conn("accept-ceiling-spawn", t), cpu_per_conn("superserver-nowait", t))
+    name = (f"nowait C={t[1:]} server CPU per connection: accept-ceiling (posix_spawn) ÷ superserver "
+            f"(the same bound, robust to outside load)")
+    if sp is None:
+        P(f"| {name} | n/a | ≥ 0.97× | n/a |")
+    else:
+        m, lo, hi, sd, n = sp
+        sds = f", stdev {sd:.3f}" if sd is not None else ""
+        P(f"| {name}: median of {n} paired rep(s), min–max {lo:.2f}–{hi:.2f}{sds} | {m:.2f}× | ≥ 0.97× | {verdict(m, 0.97)} |")
     for ceil, thr in (("accept-ceiling-spawn", 0.97), ("accept-ceiling-fork", None)):
         sp = spread(cps("superserver-nowait", t), cps(ceil, t))
         what = "posix_spawn" if ceil.endswith("spawn") else "fork+exec"

@@ -525,7 +525,9 @@ fn drop_off_the_loop(garbage: impl Send + 'static) {
 /// Start a helper thread with every signal blocked, so that signals keep going to the event
 /// loop's thread (whose handlers wake the loop, and which blocks them itself across an
 /// in-place upgrade's exec). They are blocked around the spawn, so the thread starts with them
-/// blocked and none can land in between.
+/// blocked and none can land in between. The thread runs at the lowest priority (nice 19):
+/// when it shares a CPU with the loop (a busy or single-CPU machine, a superserver pinned to
+/// one CPU), the loop runs first and its services do not wait for the reading.
 fn spawn_quiet<F: FnOnce() + Send + 'static>(
     name: &str,
     f: F,
@@ -533,7 +535,15 @@ fn spawn_quiet<F: FnOnce() + Send + 'static>(
     use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
     let mut old = SigSet::empty();
     let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old));
-    let spawned = std::thread::Builder::new().name(name.into()).spawn(f);
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(|| {
+        // SAFETY: gettid(2) and setpriority(2) on this thread's own id change only its nice
+        // value (Linux gives each thread its own); a failure leaves it at the loop's.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS as _, tid, 19);
+        }
+        f()
+    });
     if blocked.is_ok() {
         let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
     }
