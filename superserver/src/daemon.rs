@@ -125,12 +125,23 @@ impl<S: Source> Daemon<S> {
             .into();
 
         let mut pool = Pool::default();
-        let wanted: Vec<Listen> = config
+        // What inherited sockets are matched against (none inherited, nothing to match: ten
+        // thousand addresses are not copied for nothing).
+        let wanted: Vec<Listen> = match inherited.is_empty() {
+            true => Vec::new(),
+            false => config
+                .services
+                .iter()
+                .filter(|s| s.enabled)
+                .flat_map(|s| s.listen.iter().cloned())
+                .collect(),
+        };
+        let n_sockets: usize = config
             .services
             .iter()
             .filter(|s| s.enabled)
-            .flat_map(|s| s.listen.iter().cloned())
-            .collect();
+            .map(|s| s.listen.len())
+            .sum();
         pool.adopt(inherited, &wanted).map_err(StartError)?;
         // The sockets an upgraded image kept open, by what the old image knew of them. One the
         // configuration no longer has is closed (and its file removed), not an error.
@@ -152,7 +163,7 @@ impl<S: Source> Daemon<S> {
             global: config.global.clone(),
             // Sized once: growing by doubling would leave the smaller copies behind as holes.
             services: Vec::with_capacity(config.services.len()),
-            tokens: HashMap::with_capacity(wanted.len()),
+            tokens: HashMap::with_capacity(n_sockets),
             next_token: 1,
             next_id: 1,
             children: Children::default(),
@@ -171,8 +182,8 @@ impl<S: Source> Daemon<S> {
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
             let mut svc = daemon.new_svc(def, template);
             for i in 0..svc.slots.len() {
-                let listen = svc.def.listen[i].clone();
-                let bound = match pool.take(&listen).or_else(|| kept.take(&listen)) {
+                let listen = &svc.def.listen[i];
+                let bound = match pool.take(listen).or_else(|| kept.take(listen)) {
                     Some(b) => b,
                     None => {
                         let b = sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
