@@ -74,6 +74,7 @@ pub(crate) fn parse(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Con
         opts,
         seen: Vec::new(),
         names: HashMap::new(),
+        socket_dirs: HashMap::new(),
     };
     let config = v.run();
     v.finish_file();
@@ -266,6 +267,9 @@ struct Validator<'a> {
     seen: Vec<Seen>,
     /// Every service name so far: (file index, line).
     names: HashMap<String, (usize, usize)>,
+    /// Unix socket directories checked so far, with the outcome (ten thousand sockets in one
+    /// directory are one `stat`).
+    socket_dirs: HashMap<PathBuf, Result<(), String>>,
 }
 
 impl Validator<'_> {
@@ -602,8 +606,8 @@ impl Validator<'_> {
         let mut removed = Vec::new();
         let unknown: Vec<String> = table
             .iter()
+            .filter(|(k, _)| !T::KEYS.contains(&k.get_ref().as_ref()))
             .map(|(k, _)| k.get_ref().to_string())
-            .filter(|k| !T::KEYS.contains(&k.as_str()))
             .collect();
         for name in unknown {
             let (k, _) = table.remove_entry(name.as_str()).expect("key just listed");
@@ -1437,7 +1441,16 @@ impl Validator<'_> {
                 }
             };
             if let ListenAddr::Unix(path) = &addr {
-                if let Err(m) = check_socket_directory(path) {
+                let dir = path.parent().unwrap_or(path);
+                let checked = match self.socket_dirs.get(dir) {
+                    Some(outcome) => outcome.clone(),
+                    None => {
+                        let outcome = check_socket_directory(path);
+                        self.socket_dirs.insert(dir.to_path_buf(), outcome.clone());
+                        outcome
+                    }
+                };
+                if let Err(m) = checked {
                     self.error(text.span(), &key, m);
                 }
             }

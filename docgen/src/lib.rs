@@ -1,16 +1,18 @@
 //! Man pages and shell completions, generated from a program's own clap definition, so that
 //! they can never disagree with its flags.
 //!
-//! Each binary calls [`run_if_asked`] first thing in `main`; it acts only on two hidden
-//! invocations (never shown by `--help`, checked before clap parses anything):
+//! The daemons carry none of it: a separate program, `superserver-docgen` (built with the
+//! superserver, never installed), holds both programs' flag definitions and calls [`run`]:
 //!
-//! * `PROGRAM --generate-man DIR`: write `DIR/PROGRAM.8` and `DIR/PROGRAM-SUBCOMMAND.8` for each
-//!   subcommand, print their paths, exit 0.
-//! * `PROGRAM --completions SHELL`: print the completion script for SHELL (bash or zsh) on
-//!   stdout, exit 0.
+//! * `superserver-docgen PROGRAM --generate-man DIR`: write `DIR/PROGRAM.8` and
+//!   `DIR/PROGRAM-SUBCOMMAND.8` for each subcommand, print their paths, exit 0.
+//! * `superserver-docgen PROGRAM --completions SHELL`: print the completion script for SHELL
+//!   (bash or zsh) on stdout, exit 0.
 //!
-//! The Debian package (`packaging/build-deb`) runs both on the binaries it packages. The output
-//! holds no date, so it is the same on every build of the same source.
+//! The Debian package (`packaging/build-deb`) runs both for the binaries it packages. The
+//! output holds no date, so it is the same on every build of the same source. (Man pages and
+//! completions were once hidden flags of the daemons themselves: about 120 KiB of code in two
+//! programs that should stay small in memory.)
 
 use std::ffi::OsString;
 use std::io::{self, Write};
@@ -27,11 +29,10 @@ pub const GENERATE_MAN: &str = "--generate-man";
 /// The hidden flag that prints a completion script.
 pub const COMPLETIONS: &str = "--completions";
 
-/// If the command line is `--generate-man DIR` or `--completions SHELL`, do it and return the
-/// exit code; otherwise `None` (the program goes on and parses its flags as usual).
-pub fn run_if_asked<C: CommandFactory>() -> Option<ExitCode> {
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let [flag, value] = args.as_slice() else {
+/// If `args` are `--generate-man DIR` or `--completions SHELL`, do it for the program whose
+/// flags `C` defines and return the exit code; otherwise `None` (a usage error for the caller).
+pub fn run<C: CommandFactory>(args: &[OsString]) -> Option<ExitCode> {
+    let [flag, value] = args else {
         return None;
     };
     let code = if flag == GENERATE_MAN {

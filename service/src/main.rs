@@ -7,9 +7,6 @@ use clap::Parser;
 use small_services::{activation, app, cli};
 
 fn main() -> ExitCode {
-    if let Some(code) = superserver_docgen::run_if_asked::<cli::Args>() {
-        return code;
-    }
     // First, while the process has one thread: take passed-in sockets and remove LISTEN_* from
     // the environment (errors are reported once logging is up).
     let inherited = activation::take_from_env();

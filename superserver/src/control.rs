@@ -31,7 +31,7 @@ use crate::state::{State, Svc};
 
 pub(crate) const CONTROL: Token = Token(usize::MAX);
 pub(crate) const METRICS: Token = Token(usize::MAX - 1);
-pub(crate) const AGENT: Token = Token(usize::MAX - 2);
+pub(crate) const AGENT: Token = Token(usize::MAX - 3); // MAX - 2: the reload thread's waker
 /// Client tokens count up from here, far above the services' tokens.
 const CLIENT_BASE: usize = usize::MAX / 2;
 pub(crate) const MAX_CLIENTS: usize = 32;

@@ -40,8 +40,9 @@ pub(crate) const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// reaping, timers, other services, the control socket) get theirs.
 pub(crate) const ACCEPT_BATCH: usize = 16;
 
-/// Where the configuration comes from, so that SIGHUP can read it again.
-pub trait Source {
+/// Where the configuration comes from, so that SIGHUP can read it again (on a thread of its
+/// own: a copy of it goes there).
+pub trait Source: Clone + Send + 'static {
     fn load(&self) -> Result<Config, ConfigErrors>;
     /// The file name used in messages.
     fn origin(&self) -> String;
@@ -104,6 +105,8 @@ pub struct Daemon<S: Source> {
     pub(crate) drained_all: bool,
     /// Nowait listeners (service id, slot) that still had connections queued after a batch.
     pub(crate) more: Vec<(u64, usize)>,
+    /// A SIGHUP's reload whose file is being read off the loop.
+    pub(crate) background: crate::reload::Background,
 }
 
 impl<S: Source> Daemon<S> {
@@ -134,12 +137,23 @@ impl<S: Source> Daemon<S> {
             .into();
 
         let mut pool = Pool::default();
-        let wanted: Vec<Listen> = config
+        // What inherited sockets are matched against (none inherited, nothing to match: ten
+        // thousand addresses are not copied for nothing).
+        let wanted: Vec<Listen> = match inherited.is_empty() {
+            true => Vec::new(),
+            false => config
+                .services
+                .iter()
+                .filter(|s| s.enabled)
+                .flat_map(|s| s.listen.iter().cloned())
+                .collect(),
+        };
+        let n_sockets: usize = config
             .services
             .iter()
             .filter(|s| s.enabled)
-            .flat_map(|s| s.listen.iter().cloned())
-            .collect();
+            .map(|s| s.listen.len())
+            .sum();
         pool.adopt(inherited, &wanted).map_err(StartError)?;
         // The sockets an upgraded image kept open, by what the old image knew of them. One the
         // configuration no longer has is closed (and its file removed), not an error.
@@ -161,7 +175,7 @@ impl<S: Source> Daemon<S> {
             global: config.global.clone(),
             // Sized once: growing by doubling would leave the smaller copies behind as holes.
             services: Vec::with_capacity(config.services.len()),
-            tokens: HashMap::with_capacity(wanted.len()),
+            tokens: HashMap::with_capacity(n_sockets),
             next_token: 1,
             next_id: 1,
             children: Children::default(),
@@ -177,13 +191,14 @@ impl<S: Source> Daemon<S> {
             headers: Default::default(),
             drained_all: false,
             more: Vec::new(),
+            background: Default::default(),
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
             let mut svc = daemon.new_svc(def, template);
             for i in 0..svc.slots.len() {
-                let listen = svc.def.listen[i].clone();
-                let bound = match pool.take(&listen).or_else(|| kept.take(&listen)) {
+                let listen = &svc.def.listen[i];
+                let bound = match pool.take(listen).or_else(|| kept.take(listen)) {
                     Some(b) => b,
                     None => {
                         let b = sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
@@ -301,6 +316,7 @@ impl<S: Source> Daemon<S> {
                         }
                     }
                     CONTROL | METRICS | AGENT => self.control_accept(event.token()),
+                    crate::reload::RELOADED => self.reload_loaded(),
                     token if Control::is_client(token) => self.control_client(token),
                     token if Headers::is_header(token) => self.header_readable(token),
                     token => self.on_readable(token),
@@ -327,9 +343,7 @@ impl<S: Source> Daemon<S> {
     pub(crate) fn on_signal(&mut self, sig: i32) {
         match sig {
             SIGCHLD => self.reap(),
-            SIGHUP => {
-                self.reload();
-            }
+            SIGHUP => self.reload_in_background(),
             SIGTERM | SIGINT => self.shutdown(sig),
             // The binary now at our path, in place; the reason is logged if it cannot be.
             SIGUSR2 => self.pending_upgrade = Some(None),

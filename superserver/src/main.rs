@@ -43,9 +43,6 @@ enum Failure {
 }
 
 fn main() -> ExitCode {
-    if let Some(code) = superserver_docgen::run_if_asked::<cli::Args>() {
-        return code;
-    }
     source::cloexec_inherited_fds();
     let args = cli::Args::parse();
     logging::init();

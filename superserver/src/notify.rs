@@ -1,6 +1,59 @@
 //! Telling a service manager how we are doing (`sd_notify`), a no-op without `NOTIFY_SOCKET`.
 
+use std::cell::RefCell;
+use std::ffi::OsString;
+use std::io::IoSlice;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use sd_notify::NotifyState;
+
+thread_local! {
+    /// The socket the fd-store messages go out on, connected once to `NOTIFY_SOCKET` (which
+    /// it names): start-up with ten thousand sockets sends ten thousand of them, and a socket,
+    /// a connect and a close for each were most of the cost.
+    static STORE: RefCell<Option<(OsString, UnixDatagram)>> = const { RefCell::new(None) };
+}
+
+/// Send `msg` (with `fds`) to `NOTIFY_SOCKET` on the kept socket, connecting it first when
+/// there is none or the variable changed. A no-op without `NOTIFY_SOCKET`.
+fn send_kept(msg: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    STORE.with(|cell| {
+        let mut kept = cell.borrow_mut();
+        if kept.as_ref().is_none_or(|(p, _)| *p != path) {
+            let sock = UnixDatagram::unbound()?;
+            sock.connect(&path)?;
+            *kept = Some((path, sock));
+        }
+        let Some((_, sock)) = kept.as_ref() else {
+            unreachable!("connected above")
+        };
+        let iov = [IoSlice::new(msg.as_bytes())];
+        let cmsg = [ControlMessage::ScmRights(fds)];
+        let cmsgs = if fds.is_empty() {
+            &cmsg[..0]
+        } else {
+            &cmsg[..]
+        };
+        let sent = sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None);
+        match sent {
+            Ok(n) if n == msg.len() => Ok(()),
+            Ok(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "incomplete write",
+            )),
+            Err(e) => {
+                // Reconnect next time (the manager may have gone and come back).
+                *kept = None;
+                Err(e.into())
+            }
+        }
+    })
+}
 
 fn send(states: &[NotifyState]) {
     if let Err(e) = sd_notify::notify(states) {
@@ -34,9 +87,8 @@ pub fn store_fd(fd: std::os::fd::BorrowedFd<'_>, name: &str) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    if let Err(e) =
-        sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd])
-    {
+    let msg = format!("{}\n{}\n", NotifyState::FdStore, NotifyState::FdName(name));
+    if let Err(e) = send_kept(&msg, &[fd.as_raw_fd()]) {
         log::debug!("sd_notify FDSTORE {name}: {e}");
     }
 }
@@ -46,5 +98,12 @@ pub fn unstore_fd(name: &str) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
     }
-    send(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+    let msg = format!(
+        "{}\n{}\n",
+        NotifyState::FdStoreRemove,
+        NotifyState::FdName(name)
+    );
+    if let Err(e) = send_kept(&msg, &[]) {
+        log::warn!("sd_notify failed: {e}");
+    }
 }

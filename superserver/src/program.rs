@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// Who a child runs as, for permission checks and messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Identity {
     pub name: String,
     pub uid: libc::uid_t,
@@ -114,7 +114,8 @@ impl FileId {
     }
 }
 
-/// A service's program.
+/// A service's program. A clone shares nothing: it starts from the same last check.
+#[derive(Clone)]
 pub struct Program {
     path: CString,
     who: Identity,

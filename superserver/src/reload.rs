@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use mio::Token;
@@ -27,28 +28,143 @@ pub(crate) enum Reloaded {
     Rejected(Vec<String>),
 }
 
+/// The event loop's token for "the background read of a reload is done".
+pub(crate) const RELOADED: Token = Token(usize::MAX - 2);
+
+/// A configuration read, checked and with its programs prepared, or every error; and how long
+/// that took.
+type Prepared = (Result<(Config, Vec<Template>), Vec<String>>, Duration);
+
+/// Read, parse and validate the whole configuration and prepare every service's program: all
+/// of a reload that does not touch the running state, so it may run on any thread.
+fn load_and_prepare<S: Source>(source: &S) -> Prepared {
+    let started = Instant::now();
+    let origin = source.origin();
+    let loaded = source
+        .load()
+        .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>());
+    let prepared = loaded.and_then(|config| {
+        crate::spawn::prepare_all(&config.services)
+            .map(|templates| (config, templates))
+            .map_err(|errors| errors.iter().map(|e| format!("{origin}: {e}")).collect())
+    });
+    (prepared, started.elapsed())
+}
+
+/// A SIGHUP's reload in progress: a thread reads and checks the file while the loop serves,
+/// hands the result over on a channel and wakes the loop ([`RELOADED`]); the loop applies it.
+/// A SIGHUP that arrives meanwhile is remembered, and the file read again once this one is
+/// applied (the change that signal announces may have come after the thread read the file).
+#[derive(Default)]
+pub(crate) struct Background {
+    /// Made at the first SIGHUP (an eventfd registered with the poll; it never fires idle).
+    waker: Option<Arc<mio::Waker>>,
+    running: Option<(std::thread::JoinHandle<()>, mpsc::Receiver<Prepared>)>,
+    again: bool,
+}
+
 impl<S: Source> Daemon<S> {
-    /// SIGHUP: read the whole file again; apply it as a diff only if all of it is valid.
+    /// SIGHUP: read the whole file again on a thread of its own; [`Daemon::reload_loaded`]
+    /// applies it as a diff when all of it is valid. Services keep serving meanwhile.
+    pub(crate) fn reload_in_background(&mut self) {
+        if self.shutdown_deadline.is_some() {
+            return;
+        }
+        if self.background.running.is_some() {
+            self.background.again = true;
+            return;
+        }
+        notify::reloading();
+        log::info!("reload: reading the configuration");
+        let waker = match &self.background.waker {
+            Some(w) => Ok(w.clone()),
+            None => mio::Waker::new(self.poll.registry(), RELOADED).map(Arc::new),
+        };
+        let waker = match waker {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("reload: cannot make a waker ({e}); reading in the event loop");
+                let prepared = load_and_prepare(&self.source);
+                self.finish_reload(prepared, false);
+                return;
+            }
+        };
+        self.background.waker = Some(waker.clone());
+        let source = self.source.clone();
+        let (tx, rx) = mpsc::channel();
+        let spawned = spawn_quiet("reload", move || {
+            let _ = tx.send(load_and_prepare(&source));
+            let _ = waker.wake();
+        });
+        match spawned {
+            Ok(handle) => self.background.running = Some((handle, rx)),
+            Err(e) => {
+                log::warn!("reload: cannot start a thread ({e}); reading in the event loop");
+                let prepared = load_and_prepare(&self.source);
+                self.finish_reload(prepared, false);
+            }
+        }
+    }
+
+    /// The background read is done ([`RELOADED`]): apply it, or keep the running
+    /// configuration; then read again if a SIGHUP came meanwhile.
+    pub(crate) fn reload_loaded(&mut self) {
+        let Some((handle, rx)) = self.background.running.take() else {
+            return;
+        };
+        let prepared = match rx.try_recv() {
+            Ok(p) => p,
+            Err(mpsc::TryRecvError::Empty) => {
+                self.background.running = Some((handle, rx));
+                return;
+            }
+            // The thread ended without an answer (it panicked: with panic = "abort" it cannot).
+            Err(mpsc::TryRecvError::Disconnected) => (
+                Err(vec!["reading the configuration failed".into()]),
+                Duration::ZERO,
+            ),
+        };
+        let _ = handle.join();
+        if self.shutdown_deadline.is_some() {
+            log::info!("reload: the superserver is stopping; keeping the running configuration");
+            self.background.again = false;
+            return;
+        }
+        self.finish_reload(prepared, false);
+        if std::mem::take(&mut self.background.again) {
+            self.reload_in_background();
+        }
+    }
+
+    /// Read the whole file again in the event loop (the control socket's `reload`, which
+    /// answers with the outcome); apply it as a diff only if all of it is valid. A SIGHUP's
+    /// read still in progress is applied first, so that the newest file wins.
     pub(crate) fn reload(&mut self) -> Reloaded {
         if self.shutdown_deadline.is_some() {
             return Reloaded::Rejected(vec!["the superserver is stopping".into()]);
         }
+        if let Some((handle, rx)) = self.background.running.take() {
+            let earlier = rx.recv();
+            let _ = handle.join();
+            if let Ok(prepared) = earlier {
+                self.finish_reload(prepared, false);
+            }
+            // This reload reads the file after that SIGHUP: it is answered.
+            self.background.again = false;
+        }
         notify::reloading();
         log::info!("reload: reading the configuration");
-        let origin = self.source.origin();
-        let loaded = self
-            .source
-            .load()
-            .map_err(|errors| errors.0.iter().map(|e| e.to_string()).collect::<Vec<_>>());
-        let prepared = loaded.and_then(|config| {
-            crate::spawn::prepare_all(&config.services)
-                .map(|templates| (config, templates))
-                .map_err(|errors| errors.iter().map(|e| format!("{origin}: {e}")).collect())
-        });
+        let prepared = load_and_prepare(&self.source);
+        self.finish_reload(prepared, true)
+    }
+
+    /// Apply a read configuration, or log why it is refused and keep the running one.
+    /// (`names_kept`: see [`Daemon::apply`].)
+    fn finish_reload(&mut self, (prepared, read): Prepared, names_kept: bool) -> Reloaded {
         match prepared {
             Ok((config, templates)) => {
-                let done = self.apply(config, templates);
-                give_back_heap();
+                // (The heap is given back by the thread that frees the old table.)
+                let done = self.apply(config, templates, read, names_kept);
                 notify::ready(&format!("serving {} service(s)", self.services.len()));
                 done
             }
@@ -66,31 +182,101 @@ impl<S: Source> Daemon<S> {
         }
     }
 
-    pub(crate) fn apply(&mut self, config: Config, templates: Vec<Template>) -> Reloaded {
+    /// Apply `config` as a diff (`read`: how long reading and checking it took, for the log).
+    ///
+    /// When the enabled services are the running ones, in the same order (a reload that
+    /// changes some services), each is updated where it is; otherwise the table is rebuilt in
+    /// the new order first. Either way nothing is moved or freed per kept service: the
+    /// definitions and templates a reload replaces are swapped into the new configuration's
+    /// vectors, which a thread of their own frees afterwards. `kept` in the answer is filled
+    /// only when `names_kept` asks for it (the control socket's answer lists them; ten
+    /// thousand names are not copied for a SIGHUP's log line, which counts them).
+    pub(crate) fn apply(
+        &mut self,
+        config: Config,
+        templates: Vec<Template>,
+        read: Duration,
+        names_kept: bool,
+    ) -> Reloaded {
+        let started = Instant::now();
+        let started_cpu = thread_cpu_time();
         self.global = config.global;
-        let mut old: HashMap<String, Svc> = std::mem::take(&mut self.services)
-            .into_iter()
-            .map(|s| (s.def.name.clone(), s))
-            .collect();
+        let mut defs = config.services;
+        // (An in-place collect: `Option<Template>` is no larger.)
+        let mut templates: Vec<Option<Template>> = templates.into_iter().map(Some).collect();
+        // A disabled service (`enable = false`) is not served: one that ran is removed.
+        let enabled: Vec<usize> = (0..defs.len()).filter(|&k| defs[k].enabled).collect();
+        let same = enabled.len() == self.services.len()
+            && enabled
+                .iter()
+                .zip(&self.services)
+                .all(|(&k, svc)| defs[k].name == svc.def.name);
         let mut pool = Pool::default();
         let (mut kept, mut added, mut changed) = (Vec::new(), Vec::new(), Vec::new());
-        let mut next: Vec<(Svc, bool)> = Vec::new(); // (service, needs sockets)
+        let mut kept_count = 0;
+        // Services that need sockets; `fresh`: added by this reload (nothing to compare).
+        let mut needs: Vec<usize> = Vec::new();
+        let mut fresh = vec![false; enabled.len()];
+        let mut gone: Vec<Svc> = Vec::new();
+        if !same {
+            let mut old: Vec<Option<Svc>> = std::mem::take(&mut self.services)
+                .into_iter()
+                .map(Some)
+                .collect();
+            let mut by_name: HashMap<&str, usize> = HashMap::with_capacity(enabled.len());
+            for (i, &k) in enabled.iter().enumerate() {
+                by_name.insert(defs[k].name.as_str(), i);
+            }
+            // Where each running service goes in the new table (None: removed).
+            let mut place: Vec<Option<Svc>> = Vec::with_capacity(enabled.len());
+            place.resize_with(enabled.len(), || None);
+            for svc in old.iter_mut() {
+                let to = svc.as_ref().and_then(|s| by_name.get(s.def.name.as_str()));
+                if let Some(&i) = to {
+                    place[i] = svc.take();
+                }
+            }
+            drop(by_name);
+            gone = old.into_iter().flatten().collect();
+            self.services.reserve_exact(enabled.len());
+            for (i, svc) in place.into_iter().enumerate() {
+                let svc = match svc {
+                    Some(svc) => svc,
+                    None => {
+                        let k = enabled[i];
+                        added.push(defs[k].name.clone());
+                        fresh[i] = true;
+                        needs.push(i);
+                        let template = templates[k].take().expect("one template per service");
+                        self.new_svc(defs[k].clone(), template)
+                    }
+                };
+                self.services.push(svc);
+            }
+        }
 
-        // A disabled service (`enable = false`) is not served: one that ran is removed.
-        let enabled = config.services.into_iter().zip(templates);
-        for (def, template) in enabled.filter(|(def, _)| def.enabled) {
-            let Some(mut svc) = old.remove(&def.name) else {
-                added.push(def.name.clone());
-                let svc = self.new_svc(def, template);
-                next.push((svc, true));
+        for (i, &k) in enabled.iter().enumerate() {
+            if fresh[i] {
                 continue;
-            };
+            }
+            let Daemon {
+                services,
+                poll,
+                tokens,
+                next_token,
+                ..
+            } = self;
+            let svc = &mut services[i];
             // Every service gets the fresh template: `pass_env` values and the program's
             // check are as of this reload.
-            svc.template = template;
-            if svc.def == def {
-                kept.push(def.name.clone());
-                next.push((svc, false));
+            let template = templates[k].as_mut().expect("one template per service");
+            std::mem::swap(&mut svc.template, template);
+            let def = &mut defs[k];
+            if svc.def == *def {
+                kept_count += 1;
+                if names_kept {
+                    kept.push(def.name.clone());
+                }
                 continue;
             }
             changed.push(def.name.clone());
@@ -108,9 +294,9 @@ impl<S: Source> Daemon<S> {
                 svc.holding = false;
             }
             if sockets_changed {
-                deregister(self.poll.registry(), &mut svc);
+                deregister(poll.registry(), svc);
                 for slot in svc.slots.drain(..) {
-                    self.tokens.remove(&slot.token);
+                    tokens.remove(&slot.token);
                     if let Some(b) = slot.bound {
                         pool.put(b);
                     }
@@ -127,29 +313,30 @@ impl<S: Source> Daemon<S> {
                     );
                     signal_group(pid, libc::SIGTERM);
                 }
-                svc.def = def;
+                std::mem::swap(&mut svc.def, def);
                 for j in 0..svc.def.listen.len() {
-                    let token = Token(self.next_token);
-                    self.next_token += 1;
-                    self.tokens.insert(token, (svc.id, j));
+                    let token = Token(*next_token);
+                    *next_token += 1;
+                    tokens.insert(token, (svc.id, j));
                     svc.slots.push(Slot { bound: None, token });
                 }
-                next.push((svc, true));
+                needs.push(i);
             } else {
-                svc.def = def;
+                std::mem::swap(&mut svc.def, def);
                 // allow/deny may have changed. The blocking mode stays: a running wait-mode
                 // process shares it (O_NONBLOCK belongs to the open socket, not to our fd),
                 // and switching its non-blocking listeners to blocking would hang its accept.
-                attach_filters(&mut svc);
-                next.push((svc, false));
+                attach_filters(svc);
             }
         }
+        // What the new table replaced, freed off the loop once it is applied.
+        let garbage = (templates, defs);
 
         // Removed services: close their sockets (unless a new service takes the address) and
         // ask their wait-mode process to drain.
-        let mut removed: Vec<String> = old.keys().cloned().collect();
+        let mut removed: Vec<String> = gone.iter().map(|s| s.def.name.clone()).collect();
         removed.sort();
-        for (_, mut svc) in old {
+        for mut svc in gone {
             deregister(self.poll.registry(), &mut svc);
             for &pid in &svc.wait_children {
                 log::info!("{}: removed; SIGTERM to pid {pid}", svc.def.name);
@@ -167,18 +354,21 @@ impl<S: Source> Daemon<S> {
         // What no service wants any more retires: it stays open until the new addresses
         // are bound beside it (a narrowed 0.0.0.0:P -> 127.0.0.1:P shares the port for a
         // moment) and what it queued is accepted, so the narrowing refuses nobody.
-        let wanted: std::collections::HashSet<&ListenAddr> = next
-            .iter()
-            .flat_map(|(svc, _)| svc.def.listen.iter().map(|l| &l.addr))
-            .collect();
-        pool.retire_unwanted(|addr| wanted.contains(addr));
+        // (Nothing to look up when no socket was put back: the common reload.)
+        if !pool.is_empty() {
+            let mut wanted: std::collections::HashSet<&ListenAddr> =
+                std::collections::HashSet::with_capacity(self.services.len());
+            wanted.extend(
+                self.services
+                    .iter()
+                    .flat_map(|svc| svc.def.listen.iter().map(|l| &l.addr)),
+            );
+            pool.retire_unwanted(|addr| wanted.contains(addr));
+        }
 
-        for (mut svc, needs) in next {
-            if needs {
-                self.fill_slots(&mut svc, &mut pool);
-                prepare_sockets(&mut svc);
-            }
-            self.services.push(svc);
+        for i in needs {
+            self.fill_slots(i, &mut pool);
+            prepare_sockets(&mut self.services[i]);
         }
         let retiring = pool.take_retiring();
         // Closes what nobody took (and removes our Unix socket files), and takes it out of
@@ -195,15 +385,20 @@ impl<S: Source> Daemon<S> {
             self.accept_retiring(old);
         }
         log::info!(
-            "reload: {} kept, {} added{}, {} changed{}, {} removed{}",
-            kept.len(),
+            "reload: {} kept, {} added{}, {} changed{}, {} removed{} (read in {:.1} ms, \
+             applied in {:.1} ms, {:.1} ms of CPU)",
+            kept_count,
             added.len(),
             list_names(&added),
             changed.len(),
             list_names(&changed),
             removed.len(),
-            list_names(&removed)
+            list_names(&removed),
+            read.as_secs_f64() * 1000.0,
+            started.elapsed().as_secs_f64() * 1000.0,
+            thread_cpu_time().saturating_sub(started_cpu).as_secs_f64() * 1000.0
         );
+        drop_off_the_loop(garbage);
         Reloaded::Applied {
             kept,
             added,
@@ -258,7 +453,14 @@ impl<S: Source> Daemon<S> {
     /// Give every empty slot a socket: from the pool when its address was already bound, else
     /// a new bind. A failed bind is logged and retried with back-off; the service serves on
     /// the sockets it has.
-    pub(crate) fn fill_slots(&mut self, svc: &mut Svc, pool: &mut Pool) {
+    pub(crate) fn fill_slots(&mut self, i: usize, pool: &mut Pool) {
+        let Daemon {
+            services,
+            global,
+            timers,
+            ..
+        } = self;
+        let svc = &mut services[i];
         let mut failed = false;
         let empty = svc.slots.iter_mut().zip(&svc.def.listen);
         for (slot, listen) in empty.filter(|(s, _)| s.bound.is_none()) {
@@ -286,15 +488,12 @@ impl<S: Source> Daemon<S> {
         }
         if failed {
             let delay = match svc.bind_retry {
-                Some((_, d)) => (d * 2).min(self.global.restart_backoff_max),
-                None => self
-                    .global
-                    .restart_backoff_min
-                    .max(Duration::from_millis(500)),
+                Some((_, d)) => (d * 2).min(global.restart_backoff_max),
+                None => global.restart_backoff_min.max(Duration::from_millis(500)),
             };
             let at = Instant::now() + delay;
             svc.bind_retry = Some((at, delay));
-            self.add_timer(at, Timer::Service(svc.id));
+            timers.push(std::cmp::Reverse((at, Timer::Service(svc.id))));
         } else {
             svc.bind_retry = None;
         }
@@ -302,12 +501,67 @@ impl<S: Source> Daemon<S> {
 
     pub(crate) fn retry_binds(&mut self, i: usize) {
         self.disarm(i);
-        let mut svc = self.services.remove(i);
         let mut pool = Pool::default();
-        self.fill_slots(&mut svc, &mut pool);
-        prepare_sockets(&mut svc);
-        self.services.insert(i, svc);
+        self.fill_slots(i, &mut pool);
+        prepare_sockets(&mut self.services[i]);
     }
+}
+
+/// Free what a reload replaced (the old programs' templates, the definitions not kept) on a
+/// thread of its own, and then give the memory back to the system, while the loop serves: ten
+/// thousand of them take milliseconds to free.
+fn drop_off_the_loop(garbage: impl Send + 'static) {
+    let spawned = spawn_quiet("reload-free", move || {
+        drop(garbage);
+        give_back_heap();
+    });
+    // Without a thread, it was freed here (the closure is dropped): give the heap back now.
+    if let Err(e) = spawned {
+        log::debug!("reload: cannot start a thread to free the old table ({e})");
+        give_back_heap();
+    }
+}
+
+/// Start a helper thread with every signal blocked, so that signals keep going to the event
+/// loop's thread (whose handlers wake the loop, and which blocks them itself across an
+/// in-place upgrade's exec). They are blocked around the spawn, so the thread starts with them
+/// blocked and none can land in between. The thread runs at the lowest priority (nice 19):
+/// when it shares a CPU with the loop (a busy or single-CPU machine, a superserver pinned to
+/// one CPU), the loop runs first and its services do not wait for the reading.
+fn spawn_quiet<F: FnOnce() + Send + 'static>(
+    name: &str,
+    f: F,
+) -> io::Result<std::thread::JoinHandle<()>> {
+    use nix::sys::signal::{SigSet, SigmaskHow, pthread_sigmask};
+    let mut old = SigSet::empty();
+    let blocked = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&SigSet::all()), Some(&mut old));
+    let spawned = std::thread::Builder::new().name(name.into()).spawn(|| {
+        // SAFETY: gettid(2) and setpriority(2) on this thread's own id change only its nice
+        // value (Linux gives each thread its own); a failure leaves it at the loop's.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::setpriority(libc::PRIO_PROCESS as _, tid, 19);
+        }
+        f()
+    });
+    if blocked.is_ok() {
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    }
+    spawned
+}
+
+/// The CPU time this thread has used: what applying a reload cost the loop, apart from the
+/// time a busy machine gave other processes meanwhile.
+fn thread_cpu_time() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime(2) writes one timespec into the valid, owned `ts`.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 pub(crate) fn list_names(names: &[String]) -> String {

@@ -243,8 +243,9 @@ fn bind_unix(path: &Path, opts: &UnixSocketOptions) -> io::Result<(Socket, (u64,
     // someone else cannot redirect the bind: the magic link names exactly our directory.
     let inside = PathBuf::from(format!("/proc/self/fd/{}/s", private.fd.as_raw_fd()));
     let mask = opts.mode.map(|m| !m & 0o777);
-    // SAFETY: umask(2) only changes this single-threaded process's file creation mask, and
-    // it is restored right after the bind.
+    // SAFETY: umask(2) only changes the process's file creation mask, and it is restored
+    // right after the bind. The only other threads (a reload's reader and the one that frees
+    // the old table, see reload.rs) create no files.
     let old_mask = mask.map(|m| unsafe { libc::umask(m as libc::mode_t) });
     let bound = socket.bind(&SockAddr::unix(&inside)?);
     if let Some(old) = old_mask {
@@ -528,6 +529,11 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// True when it holds no socket for reuse by address.
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
     /// Put a socket back for possible reuse.
     pub fn put(&mut self, bound: Bound) {
         self.sockets.insert(bound.addr.clone(), bound);

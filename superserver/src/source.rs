@@ -13,6 +13,7 @@ pub const DEFAULT: &str = include_str!("default.toml");
 const DEFAULT_ORIGIN: &str = "<embedded default>";
 
 /// The configuration file, or the embedded default when there is none.
+#[derive(Clone)]
 pub struct ConfigSource {
     path: Option<PathBuf>,
     options: LoadOptions,

@@ -18,12 +18,13 @@
 //! changes credentials with raw system calls (glibc's wrappers would try to synchronise the
 //! parent's threads through shared memory).
 
+use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use superserver_config::{Limits, MAX_WAIT_SOCKETS, Service};
@@ -124,8 +125,8 @@ pub fn raise_nofile_limit() {
 /// be done earlier).
 pub struct Template {
     program: Program,
-    argv: Rc<[CString]>,
-    base_env: Rc<[CString]>,
+    argv: Arc<[CString]>,
+    base_env: Arc<[CString]>,
     /// `Some` only when the child's credentials differ from the superserver's own: a
     /// superserver that runs a service as itself changes nothing (and needs no privilege).
     creds: Option<Box<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>>,
@@ -171,7 +172,8 @@ impl Template {
     /// and a change of user or group is possible. The error is one line that says what
     /// stops the service and what to do.
     /// `pass_env` values are read from the superserver's environment now (at load or reload).
-    pub fn new(svc: &Service) -> Result<Template, String> {
+    /// Argv and environment lists are shared with the templates `interned` already prepared.
+    fn new(svc: &Service, interned: &mut Interner) -> Result<Template, String> {
         let me = Identity::current();
         let who = match &svc.credentials {
             Some(c) => {
@@ -210,8 +212,8 @@ impl Template {
                 me.name, me.uid
             ));
         }
-        let program = Program::new(&svc.program, who.clone())?;
-        let argv = intern(
+        let program = interned.program(&svc.program, &who)?;
+        let argv = interned.intern(
             svc.argv
                 .iter()
                 .map(|a| cstring(a.as_bytes()))
@@ -241,7 +243,7 @@ impl Template {
         {
             set(b"JOURNAL_STREAM", stream.as_bytes());
         }
-        let base_env = intern(
+        let base_env = interned.intern(
             env.into_iter()
                 .map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat()))
                 .collect::<Result<Vec<_>, String>>()?,
@@ -590,10 +592,12 @@ impl Template {
 pub fn prepare_all<'a>(
     services: impl IntoIterator<Item = &'a Service>,
 ) -> Result<Vec<Template>, Vec<String>> {
-    let mut templates = Vec::new();
+    let services = services.into_iter();
+    let mut templates = Vec::with_capacity(services.size_hint().0);
     let mut errors = Vec::new();
+    let mut interned = Interner::default();
     for svc in services {
-        match Template::new(svc) {
+        match Template::new(svc, &mut interned) {
             Ok(t) => templates.push(t),
             Err(e) => {
                 let who = svc
@@ -634,30 +638,42 @@ struct ChildArgs<'a> {
 }
 
 thread_local! {
-    /// argv and environment lists already prepared for some service: services that share them
-    /// (a thousand services with the same pass-list, say) share one copy.
-    static INTERNED: std::cell::RefCell<Vec<Weak<[CString]>>> = const { std::cell::RefCell::new(Vec::new()) };
-
     /// The stack children run on between clone and execve (one is enough: the parent waits).
     static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 128 * 1024]);
 }
 
-/// One shared copy of each distinct list of C strings.
-fn intern(list: Vec<CString>) -> Rc<[CString]> {
-    INTERNED.with(|cell| {
-        let mut cache = cell.borrow_mut();
-        cache.retain(|w| w.strong_count() > 0);
-        if let Some(rc) = cache
-            .iter()
-            .filter_map(Weak::upgrade)
-            .find(|rc| **rc == *list)
-        {
-            return rc;
+/// What loading one configuration already prepared: argv and environment lists (services that
+/// share one, a thousand services with the same pass-list say, share one copy) and programs
+/// checked for a user (the next service with the same program and user starts from that
+/// check instead of opening and reading the file again). Found by hash, so a table of ten
+/// thousand services costs linear time.
+#[derive(Default)]
+struct Interner {
+    lists: HashSet<Arc<[CString]>>,
+    programs: std::collections::HashMap<(std::path::PathBuf, Identity), Program>,
+}
+
+impl Interner {
+    /// `path` opened and checked for `who`, or a copy of the check made for an earlier service.
+    fn program(&mut self, path: &std::path::Path, who: &Identity) -> Result<Program, String> {
+        let key = (path.to_path_buf(), who.clone());
+        if let Some(p) = self.programs.get(&key) {
+            return Ok(p.clone());
         }
-        let rc: Rc<[CString]> = list.into();
-        cache.push(Rc::downgrade(&rc));
-        rc
-    })
+        let program = Program::new(path, who.clone())?;
+        self.programs.insert(key, program.clone());
+        Ok(program)
+    }
+
+    /// One shared copy of each distinct list of C strings.
+    fn intern(&mut self, list: Vec<CString>) -> Arc<[CString]> {
+        if let Some(shared) = self.lists.get(&list[..]) {
+            return shared.clone();
+        }
+        let shared: Arc<[CString]> = list.into();
+        self.lists.insert(shared.clone());
+        shared
+    }
 }
 
 extern "C" fn child_entry(arg: *mut libc::c_void) -> libc::c_int {
