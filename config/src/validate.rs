@@ -978,20 +978,12 @@ impl Validator<'_> {
             _ => Some(1),
         };
         let max_duration = match &raw.max_duration {
-            Some(d) if mode_known && nowait => {
-                let key = s.key("max_duration");
-                match self.duration(d, &key, MAX_SERVICE_DURATION) {
-                    Some(v) if v.is_zero() => {
-                        self.error(
-                            d.span(),
-                            key,
-                            "must be greater than 0; remove it for no limit",
-                        );
-                        None
-                    }
-                    v => v,
-                }
-            }
+            Some(d) if mode_known && nowait => self.positive_duration(
+                d,
+                &s.key("max_duration"),
+                MAX_SERVICE_DURATION,
+                "must be greater than 0; remove it for no limit",
+            ),
             _ => None,
         };
         let handoff = match &raw.handoff {
@@ -1246,24 +1238,16 @@ impl Validator<'_> {
                 }
             }
         }
-        let timeout = match proxy_timeout {
-            None => Duration::from_secs(3),
-            Some(d) => {
-                let key = s.key("proxy_timeout");
-                match self.duration(d, &key, MAX_PROXY_TIMEOUT) {
-                    Some(v) if v.is_zero() => {
-                        self.error(
-                            d.span(),
-                            key,
-                            "must be greater than 0 (the spec asks for 3s)",
-                        );
-                        Duration::from_secs(3)
-                    }
-                    Some(v) => v,
-                    None => Duration::from_secs(3),
-                }
-            }
-        };
+        let timeout = proxy_timeout
+            .and_then(|d| {
+                self.positive_duration(
+                    d,
+                    &s.key("proxy_timeout"),
+                    MAX_PROXY_TIMEOUT,
+                    "must be greater than 0 (the spec asks for 3s)",
+                )
+            })
+            .unwrap_or(Duration::from_secs(3));
         let version = match version.get_ref() {
             RawProxyVersion::V1 => ProxyVersion::V1,
             RawProxyVersion::V2 => ProxyVersion::V2,
@@ -1646,6 +1630,23 @@ impl Validator<'_> {
     }
 
     /// A humantime duration of at most `max`.
+    /// A duration that must not be zero (`why` says so when it is).
+    fn positive_duration(
+        &mut self,
+        d: &Spanned<String>,
+        key: &str,
+        max: Duration,
+        why: &str,
+    ) -> Option<Duration> {
+        match self.duration(d, key, max) {
+            Some(v) if v.is_zero() => {
+                self.error(d.span(), key.to_owned(), why);
+                None
+            }
+            v => v,
+        }
+    }
+
     fn duration(&mut self, d: &Spanned<String>, key: &str, max: Duration) -> Option<Duration> {
         let text = d.get_ref();
         match humantime::parse_duration(text) {

@@ -198,14 +198,18 @@ fn v1(buf: &[u8]) -> Step {
     match H::try_from(&buf[..end]) {
         Ok(h) => {
             let header = match h.addresses {
-                Addresses::Tcp4(a) => Header::Proxied {
-                    source: SocketAddr::new(a.source_address.into(), a.source_port),
-                    destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-                },
-                Addresses::Tcp6(a) => Header::Proxied {
-                    source: SocketAddr::new(a.source_address.into(), a.source_port),
-                    destination: SocketAddr::new(a.destination_address.into(), a.destination_port),
-                },
+                Addresses::Tcp4(a) => proxied(
+                    a.source_address.into(),
+                    a.source_port,
+                    a.destination_address.into(),
+                    a.destination_port,
+                ),
+                Addresses::Tcp6(a) => proxied(
+                    a.source_address.into(),
+                    a.source_port,
+                    a.destination_address.into(),
+                    a.destination_port,
+                ),
                 Addresses::Unknown => Header::Unknown,
             };
             Step::Done { len: end, header }
@@ -222,24 +226,18 @@ fn v2(buf: &[u8]) -> Step {
             let len = h.len();
             let header = match (h.command, h.addresses) {
                 (Command::Local, _) => Header::Local,
-                (Command::Proxy, Addresses::IPv4(a)) if h.protocol == Protocol::Stream => {
-                    Header::Proxied {
-                        source: SocketAddr::new(a.source_address.into(), a.source_port),
-                        destination: SocketAddr::new(
-                            a.destination_address.into(),
-                            a.destination_port,
-                        ),
-                    }
-                }
-                (Command::Proxy, Addresses::IPv6(a)) if h.protocol == Protocol::Stream => {
-                    Header::Proxied {
-                        source: SocketAddr::new(a.source_address.into(), a.source_port),
-                        destination: SocketAddr::new(
-                            a.destination_address.into(),
-                            a.destination_port,
-                        ),
-                    }
-                }
+                (Command::Proxy, Addresses::IPv4(a)) if h.protocol == Protocol::Stream => proxied(
+                    a.source_address.into(),
+                    a.source_port,
+                    a.destination_address.into(),
+                    a.destination_port,
+                ),
+                (Command::Proxy, Addresses::IPv6(a)) if h.protocol == Protocol::Stream => proxied(
+                    a.source_address.into(),
+                    a.source_port,
+                    a.destination_address.into(),
+                    a.destination_port,
+                ),
                 (Command::Proxy, Addresses::IPv4(_) | Addresses::IPv6(_)) => {
                     return Step::Invalid(
                         "a PROXY v2 header for a datagram (UDP) client on a stream connection"
@@ -252,6 +250,13 @@ fn v2(buf: &[u8]) -> Step {
         }
         Err(e) if e.is_incomplete() => Step::More,
         Err(e) => Step::Invalid(format!("not a PROXY v2 header: {}", lower(&e.to_string()))),
+    }
+}
+
+fn proxied(source: IpAddr, sport: u16, destination: IpAddr, dport: u16) -> Header {
+    Header::Proxied {
+        source: SocketAddr::new(source, sport),
+        destination: SocketAddr::new(destination, dport),
     }
 }
 

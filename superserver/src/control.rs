@@ -168,32 +168,16 @@ impl Control {
                 ),
             }
         }
-        if let Some(addr) = global.metrics {
-            match listen_tcp(addr).and_then(|s| {
-                registry
-                    .register(&mut SourceFd(&s.as_raw_fd()), METRICS, Interest::READABLE)
-                    .map(|()| s)
-            }) {
-                Ok(s) => {
-                    log::info!("metrics: serving http://{addr}/metrics");
-                    control.metrics = Some(s);
-                }
-                Err(e) => log::warn!("metrics: cannot listen on {addr}: {e}; no metrics"),
-            }
-        }
-        if let Some(addr) = global.agent {
-            match listen_tcp(addr).and_then(|s| {
-                registry
-                    .register(&mut SourceFd(&s.as_raw_fd()), AGENT, Interest::READABLE)
-                    .map(|()| s)
-            }) {
-                Ok(s) => {
-                    log::info!("agent: answering HAProxy's agent-check on {addr}");
-                    control.agent = Some(s);
-                }
-                Err(e) => log::warn!("agent: cannot listen on {addr}: {e}; no agent"),
-            }
-        }
+        control.metrics = global.metrics.and_then(|addr| {
+            let s = listen_registered(addr, registry, METRICS, "metrics", "no metrics")?;
+            log::info!("metrics: serving http://{addr}/metrics");
+            Some(s)
+        });
+        control.agent = global.agent.and_then(|addr| {
+            let s = listen_registered(addr, registry, AGENT, "agent", "no agent")?;
+            log::info!("agent: answering HAProxy's agent-check on {addr}");
+            Some(s)
+        });
         control
     }
 
@@ -212,6 +196,25 @@ impl ModeCompat for std::fs::DirBuilder {
         use std::os::unix::fs::DirBuilderExt;
         self.mode(mode)
     }
+}
+
+/// A TCP listener on `addr` polled under `token`, or `None` with a warning (`what: cannot
+/// listen on ADDR: why; without`).
+fn listen_registered(
+    addr: SocketAddr,
+    registry: &Registry,
+    token: Token,
+    what: &str,
+    without: &str,
+) -> Option<Socket> {
+    let registered = listen_tcp(addr).and_then(|s| {
+        registry
+            .register(&mut SourceFd(&s.as_raw_fd()), token, Interest::READABLE)
+            .map(|()| s)
+    });
+    registered
+        .map_err(|e| log::warn!("{what}: cannot listen on {addr}: {e}; {without}"))
+        .ok()
 }
 
 fn listen_tcp(addr: SocketAddr) -> io::Result<Socket> {
