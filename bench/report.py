@@ -387,6 +387,7 @@ def table_summary(n):
         "bytes": (tdata(n, "check") or [{}])[0].get("bytes"),
         "check": chk,
         "ready": [d["ready_ms"] for d in rd],
+        "ready_cpu": [d["cpu_ms"] for d in rd if d.get("cpu_ms") is not None],
         "rss": med([d["rss_kib"] for d in rd]),
         "pss": med([d["pss_kib"] for d in rd]),
         "wake": med([d["per_s"] for d in wk]),
@@ -415,7 +416,9 @@ if any(TS[n]["ready"] for n in TABLE):
     m = med(t10["check"])
     P(f"| `superserver --check` of 10,000 services (1.9 MB of TOML): median {fmt(m, 0)} ms of {len(t10['check'])} | {fmt(m, 0, ' ms')} | < 300 ms | {verdict(m, 300, ge=False)} |")
     m = med(t10["ready"])
-    P(f"| start-up to READY=1 with 10,000 services (Unix sockets on tmpfs) | {fmt(m, 0, ' ms')} | < 300 ms | {verdict(m, 300, ge=False)} |")
+    c = med(t10["ready_cpu"])
+    P(f"| start-up to READY=1 with 10,000 services (Unix sockets on tmpfs; the CPU time it took: {fmt(c, 0)} ms, "
+      f"which outside load does not bend) | {fmt(m, 0, ' ms')} | < 300 ms | {verdict(m, 300, ge=False)} |")
     m = med(t10["apply"])
     c = med(t10["apply_cpu"])
     P(f"| SIGHUP changing one service of 10,000: applied in (the event loop's share, after the file was read and checked off the loop; "
@@ -607,12 +610,12 @@ if any(TS[n]["ready"] or TS[n]["check"] for n in TABLE):
       "unchanged nowait service (connect, write, read, close, back to back) that overlapped the reload, against the same client's "
       "longest and median in the 0.3 s before.")
     P("")
-    P("| services | TOML bytes | --check ms | start-up to READY=1 ms | VmRSS KiB | KiB per 1,000 services | idle wake-ups/s | "
+    P("| services | TOML bytes | --check ms | start-up to READY=1 ms | its CPU ms | VmRSS KiB | KiB per 1,000 services | idle wake-ups/s | "
       "reload: read ms | applied ms | applied CPU ms | stall ms (longest) | before: longest / median ms |")
-    P("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+    P("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for n in TABLE:
         t = TS[n]
-        P(f"| {n:,} | {fmt(t['bytes'])} | {rng(t['check'], 1)} | {rng(t['ready'], 1)} | {fmt(t['rss'])} | {fmt(rss_per_1000(n), 0)} | "
+        P(f"| {n:,} | {fmt(t['bytes'])} | {rng(t['check'], 1)} | {rng(t['ready'], 1)} | {rng(t['ready_cpu'], 0)} | {fmt(t['rss'])} | {fmt(rss_per_1000(n), 0)} | "
           f"{fmt(t['wake'], 2)} | {rng(t['read'], 1)} | {rng(t['apply'], 1)} | {rng(t['apply_cpu'], 1)} | "
           f"{fmt(max(t['stall']) if t['stall'] else None, 1)} | {fmt(max(t['base_max']) if t['base_max'] else None, 1)} / {fmt(med(t['base_p50']), 2)} |")
     P("")

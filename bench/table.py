@@ -12,7 +12,8 @@ pinned to CPU C with RUST_LOG=info (its default logging) and a control socket; t
 
 - check:   wall time of `superserver --check FILE` (R runs; the plan is written to /dev/null)
 - ready:   exec to READY=1 on NOTIFY_SOCKET (a datagram socket of ours; the superserver also
-           sends every socket to the fd store there, as it would to systemd), VmRSS/Pss then
+           sends every socket to the fd store there, as it would to systemd), the CPU time
+           (user + system) it had used by then (10 ms ticks), VmRSS/Pss then
 - wakeups: context switches of all its threads over S idle seconds after READY=1
 - reload:  R times, one service's max_instances changed and SIGHUP sent: `read_ms` (reading,
            parsing, validating the file, preparing the programs) and `apply_ms` (applying the
@@ -154,7 +155,10 @@ def measure(n):
                 break
         t1 = time.perf_counter()
         rss, pss = mem(proc.pid)
-        out("ready", n, True, {"ready_ms": (t1 - t0) * 1000, "rss_kib": rss, "pss_kib": pss})
+        with open(f"/proc/{proc.pid}/stat") as f:
+            st = f.read().rsplit(")", 1)[1].split()
+        cpu_ms = (int(st[11]) + int(st[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+        out("ready", n, True, {"ready_ms": (t1 - t0) * 1000, "cpu_ms": cpu_ms, "rss_kib": rss, "pss_kib": pss})
         time.sleep(0.2)  # the loop logs "ready" after READY=1, then sleeps in epoll_wait
         a = ctxsw(proc.pid)
         time.sleep(wake_s)

@@ -10,26 +10,33 @@ use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
 use sd_notify::NotifyState;
 
 thread_local! {
-    /// The socket the fd-store messages go out on, connected once to `NOTIFY_SOCKET` (which
-    /// it names): start-up with ten thousand sockets sends ten thousand of them, and a socket,
-    /// a connect and a close for each were most of the cost.
-    static STORE: RefCell<Option<(OsString, UnixDatagram)>> = const { RefCell::new(None) };
+    /// The socket the fd-store messages go out on, connected once to `NOTIFY_SOCKET`:
+    /// start-up with ten thousand sockets sends ten thousand of them, and a socket, a connect
+    /// and a close for each were most of the cost.
+    static STORE: RefCell<Option<UnixDatagram>> = const { RefCell::new(None) };
+}
+
+/// `NOTIFY_SOCKET` as the superserver was started with (read once: nothing here changes it).
+fn notify_socket() -> Option<&'static OsString> {
+    static PATH: std::sync::OnceLock<Option<OsString>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| std::env::var_os("NOTIFY_SOCKET"))
+        .as_ref()
 }
 
 /// Send `msg` (with `fds`) to `NOTIFY_SOCKET` on the kept socket, connecting it first when
-/// there is none or the variable changed. A no-op without `NOTIFY_SOCKET`.
+/// there is none. A no-op without `NOTIFY_SOCKET`.
 fn send_kept(msg: &str, fds: &[std::os::fd::RawFd]) -> std::io::Result<()> {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(path) = notify_socket() else {
         return Ok(());
     };
     STORE.with(|cell| {
         let mut kept = cell.borrow_mut();
-        if kept.as_ref().is_none_or(|(p, _)| *p != path) {
+        if kept.is_none() {
             let sock = UnixDatagram::unbound()?;
-            sock.connect(&path)?;
-            *kept = Some((path, sock));
+            sock.connect(path)?;
+            *kept = Some(sock);
         }
-        let Some((_, sock)) = kept.as_ref() else {
+        let Some(sock) = kept.as_ref() else {
             unreachable!("connected above")
         };
         let iov = [IoSlice::new(msg.as_bytes())];
@@ -84,7 +91,7 @@ pub fn stopping() {
 /// `systemctl restart`, systemd hands it back and the connections queued on it are not lost.
 /// A no-op without `NOTIFY_SOCKET`.
 pub fn store_fd(fd: std::os::fd::BorrowedFd<'_>, name: &str) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if notify_socket().is_none() {
         return;
     }
     let msg = format!("{}\n{}\n", NotifyState::FdStore, NotifyState::FdName(name));
@@ -95,7 +102,7 @@ pub fn store_fd(fd: std::os::fd::BorrowedFd<'_>, name: &str) {
 
 /// Drop a socket no service wants any more from systemd's store.
 pub fn unstore_fd(name: &str) {
-    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+    if notify_socket().is_none() {
         return;
     }
     let msg = format!(

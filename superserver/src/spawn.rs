@@ -225,7 +225,7 @@ impl Template {
             env.push((k.to_vec(), v.to_vec()));
         };
         for name in svc.pass_env.iter() {
-            if let Some(value) = std::env::var_os(name) {
+            if let Some(value) = interned.env(name) {
                 set(name.as_bytes(), value.as_bytes());
             }
         }
@@ -651,9 +651,21 @@ thread_local! {
 struct Interner {
     lists: HashSet<Arc<[CString]>>,
     programs: std::collections::HashMap<(std::path::PathBuf, Identity), Program>,
+    /// The superserver's variables `pass_env` asked for so far (each read once per load).
+    env: std::collections::HashMap<String, Option<std::ffi::OsString>>,
 }
 
 impl Interner {
+    /// The superserver's variable `name`, as of this load.
+    fn env(&mut self, name: &str) -> Option<std::ffi::OsString> {
+        if let Some(v) = self.env.get(name) {
+            return v.clone();
+        }
+        let v = std::env::var_os(name);
+        self.env.insert(name.to_owned(), v.clone());
+        v
+    }
+
     /// `path` opened and checked for `who`, or a copy of the check made for an earlier service.
     fn program(&mut self, path: &std::path::Path, who: &Identity) -> Result<Program, String> {
         let key = (path.to_path_buf(), who.clone());
