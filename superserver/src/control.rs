@@ -80,6 +80,8 @@ struct Client {
     written: usize,
     /// The answer is ready: only writing is left.
     answered: bool,
+    /// A `reload` waiting for the background read of the file ([`Daemon::reload_answered`]).
+    deferred: bool,
 }
 
 /// The control and metrics listeners and their clients.
@@ -333,6 +335,7 @@ impl<S: Source> Daemon<S> {
                     output: Vec::new(),
                     written: 0,
                     answered: false,
+                    deferred: false,
                 },
             );
             self.add_timer(Instant::now() + deadline, Timer::Client(t.0));
@@ -344,6 +347,9 @@ impl<S: Source> Daemon<S> {
         let Some(client) = self.control.clients.get_mut(&token) else {
             return;
         };
+        if client.deferred {
+            return; // its answer comes when the reload is done
+        }
         if !client.answered {
             let mut buf = [0u8; 1024];
             loop {
@@ -379,7 +385,7 @@ impl<S: Source> Daemon<S> {
             } else {
                 let input = std::mem::take(&mut client.input);
                 match client.kind {
-                    Kind::Control(peer) => self.control_request(peer, &input),
+                    Kind::Control(peer) => self.control_request(peer, &input, token),
                     Kind::Metrics => self.metrics_answer(&input),
                     Kind::Agent => self.agent_line(&input),
                 }
@@ -387,6 +393,9 @@ impl<S: Source> Daemon<S> {
             let Some(client) = self.control.clients.get_mut(&token) else {
                 return;
             };
+            if client.deferred {
+                return;
+            }
             log::debug!(
                 "control: answered {} bytes in {:?}",
                 answer.len(),
@@ -452,6 +461,16 @@ impl<S: Source> Daemon<S> {
             self.write_client(token_);
             return;
         }
+        if self
+            .control
+            .clients
+            .get(&token_)
+            .is_some_and(|c| c.deferred)
+        {
+            // Waiting for a reload, which always ends: not the client's fault.
+            self.add_timer(Instant::now() + CLIENT_DEADLINE, Timer::Client(token));
+            return;
+        }
         if self.control.clients.contains_key(&Token(token)) {
             log::debug!("control: a client took too long; closed");
             self.drop_client(Token(token));
@@ -459,7 +478,23 @@ impl<S: Source> Daemon<S> {
     }
 
     /// One request line from a control client: check who asks, then do it.
-    fn control_request(&mut self, peer: Peer, input: &[u8]) -> Vec<u8> {
+    /// Answer the `reload` requests of `waiting` control clients with `done`.
+    pub(crate) fn reload_answered(&mut self, waiting: Vec<Token>, done: &Reloaded) {
+        if waiting.is_empty() {
+            return;
+        }
+        let answer = reload_answer(done);
+        for token in waiting {
+            if let Some(client) = self.control.clients.get_mut(&token) {
+                client.deferred = false;
+                client.answered = true;
+                client.output = answer.clone();
+                self.write_client(token);
+            }
+        }
+    }
+
+    fn control_request(&mut self, peer: Peer, input: &[u8], token: Token) -> Vec<u8> {
         let line = String::from_utf8_lossy(input);
         let line = line.lines().next().unwrap_or("").trim();
         let mut words = line.split_whitespace();
@@ -515,21 +550,18 @@ impl<S: Source> Daemon<S> {
                     peer.uid,
                     peer.pid
                 );
-                match self.reload() {
-                    Reloaded::Applied {
-                        kept,
-                        added,
-                        changed,
-                        removed,
-                    } => to_line(&json!({
-                        "version": 1, "ok": true, "applied": true,
-                        "kept": kept, "added": added, "changed": changed, "removed": removed,
-                    })),
-                    Reloaded::Rejected(errors) => to_line(&json!({
-                        "version": 1, "ok": false, "applied": false, "errors": errors,
-                        "error": format!("{} error(s); the running configuration stays", errors.len()),
-                    })),
+                // Read on the reload thread like a SIGHUP's, so the loop keeps serving; the
+                // answer is written when it is applied (or refused).
+                if let Some(client) = self.control.clients.get_mut(&token) {
+                    client.deferred = true;
                 }
+                if let Some(done) = self.reload_for(token) {
+                    if let Some(client) = self.control.clients.get_mut(&token) {
+                        client.deferred = false;
+                    }
+                    return reload_answer(&done);
+                }
+                Vec::new()
             }
             "upgrade" => {
                 let binary = args.first().map(PathBuf::from);
@@ -870,6 +902,25 @@ fn service_doc<'a>(
             rate_limited: c.rate_limited,
             proxy_local: c.proxy_local,
         },
+    }
+}
+
+/// The control socket's answer to `reload`.
+fn reload_answer(done: &Reloaded) -> Vec<u8> {
+    match done {
+        Reloaded::Applied {
+            kept,
+            added,
+            changed,
+            removed,
+        } => to_line(&json!({
+            "version": 1, "ok": true, "applied": true,
+            "kept": kept, "added": added, "changed": changed, "removed": removed,
+        })),
+        Reloaded::Rejected(errors) => to_line(&json!({
+            "version": 1, "ok": false, "applied": false, "errors": errors,
+            "error": format!("{} error(s); the running configuration stays", errors.len()),
+        })),
     }
 }
 

@@ -61,6 +61,11 @@ pub(crate) struct Background {
     waker: Option<Arc<mio::Waker>>,
     running: Option<(std::thread::JoinHandle<()>, mpsc::Receiver<Prepared>)>,
     again: bool,
+    /// Control clients whose `reload` the read now running answers.
+    answer: Vec<Token>,
+    /// Control clients that asked while a read was running: the next read answers them (the
+    /// running one may have read the file before the change they announce).
+    next: Vec<Token>,
 }
 
 impl<S: Source> Daemon<S> {
@@ -76,6 +81,7 @@ impl<S: Source> Daemon<S> {
         }
         notify::reloading();
         log::info!("reload: reading the configuration");
+        self.background.answer = std::mem::take(&mut self.background.next);
         let waker = match &self.background.waker {
             Some(w) => Ok(w.clone()),
             None => mio::Waker::new(self.poll.registry(), RELOADED).map(Arc::new),
@@ -85,7 +91,7 @@ impl<S: Source> Daemon<S> {
             Err(e) => {
                 log::warn!("reload: cannot make a waker ({e}); reading in the event loop");
                 let prepared = load_and_prepare(&self.source);
-                self.finish_reload(prepared, false);
+                self.finish_and_answer(prepared);
                 return;
             }
         };
@@ -101,7 +107,7 @@ impl<S: Source> Daemon<S> {
             Err(e) => {
                 log::warn!("reload: cannot start a thread ({e}); reading in the event loop");
                 let prepared = load_and_prepare(&self.source);
-                self.finish_reload(prepared, false);
+                self.finish_and_answer(prepared);
             }
         }
     }
@@ -128,34 +134,43 @@ impl<S: Source> Daemon<S> {
         if self.shutdown_deadline.is_some() {
             log::info!("reload: the superserver is stopping; keeping the running configuration");
             self.background.again = false;
+            let mut waiting = std::mem::take(&mut self.background.answer);
+            waiting.append(&mut self.background.next);
+            let stopping = Reloaded::Rejected(vec!["the superserver is stopping".into()]);
+            self.reload_answered(waiting, &stopping);
             return;
         }
-        self.finish_reload(prepared, false);
+        self.finish_and_answer(prepared);
         if std::mem::take(&mut self.background.again) {
             self.reload_in_background();
         }
     }
 
-    /// Read the whole file again in the event loop (the control socket's `reload`, which
-    /// answers with the outcome); apply it as a diff only if all of it is valid. A SIGHUP's
-    /// read still in progress is applied first, so that the newest file wins.
-    pub(crate) fn reload(&mut self) -> Reloaded {
+    /// Apply a read configuration and answer the control clients that waited for it.
+    fn finish_and_answer(&mut self, prepared: Prepared) {
+        let waiting = std::mem::take(&mut self.background.answer);
+        // The control socket's answer lists the kept services; a SIGHUP's log line counts them.
+        let done = self.finish_reload(prepared, !waiting.is_empty());
+        self.reload_answered(waiting, &done);
+    }
+
+    /// The control socket's `reload` from client `token`: read on the reload thread like a
+    /// SIGHUP's (after any read already running, which may predate the change the client
+    /// announces). `Some` is an answer at once (the superserver is stopping); `None`: the
+    /// client is answered when the read is applied.
+    pub(crate) fn reload_for(&mut self, token: Token) -> Option<Reloaded> {
         if self.shutdown_deadline.is_some() {
-            return Reloaded::Rejected(vec!["the superserver is stopping".into()]);
+            return Some(Reloaded::Rejected(vec![
+                "the superserver is stopping".into(),
+            ]));
         }
-        if let Some((handle, rx)) = self.background.running.take() {
-            let earlier = rx.recv();
-            let _ = handle.join();
-            if let Ok(prepared) = earlier {
-                self.finish_reload(prepared, false);
-            }
-            // This reload reads the file after that SIGHUP: it is answered.
-            self.background.again = false;
+        self.background.next.push(token);
+        if self.background.running.is_some() {
+            self.background.again = true;
+        } else {
+            self.reload_in_background();
         }
-        notify::reloading();
-        log::info!("reload: reading the configuration");
-        let prepared = load_and_prepare(&self.source);
-        self.finish_reload(prepared, true)
+        None
     }
 
     /// Apply a read configuration, or log why it is refused and keep the running one.

@@ -129,6 +129,30 @@ fn reload_answers_and_stop_drains() {
     assert!(err.contains("the running configuration stays"), "{err}");
     let (line, _) = read_line(addr).unwrap();
     assert_eq!(line.trim(), "a2", "still serving, as reloaded");
+    // Reloads asked at once, with a SIGHUP among them: the file is read on the reload
+    // thread, and every control client gets its answer.
+    std::fs::write(
+        &server.config,
+        format!(
+            "[superserver]\ncontrol = \"{}\"\n{base}allow_root = true\n",
+            control.display()
+        ),
+    )
+    .unwrap();
+    let asks: Vec<_> = (0..4)
+        .map(|_| {
+            let control = control.clone();
+            std::thread::spawn(move || ctl(&["reload"], &control))
+        })
+        .collect();
+    server.signal(libc::SIGHUP);
+    for ask in asks {
+        let out = ask.join().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("reloaded:"));
+    }
+    let (line, _) = read_line(addr).unwrap();
+    assert_eq!(line.trim(), "a", "reloaded back");
     let out = ctl(&["stop", "--grace", "2s"], &control);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert_eq!(server.wait_exit().code(), Some(0));
