@@ -762,27 +762,19 @@ impl Validator<'_> {
             }
         }
         if let Some(m) = &raw.metrics {
-            match crate::parse_listen_addr(m.get_ref()) {
-                Ok(ListenAddr::Tcp(sa)) => g.metrics = Some(sa),
-                Ok(_) => self.error(
-                    m.span(),
-                    "superserver.metrics",
-                    "a TCP address such as \"127.0.0.1:9100\" (Prometheus scrapes over HTTP)",
-                ),
-                Err(e) => self.error(m.span(), "superserver.metrics", e),
-            }
+            g.metrics = self.tcp_address(
+                m,
+                "superserver.metrics",
+                "a TCP address such as \"127.0.0.1:9100\" (Prometheus scrapes over HTTP)",
+            );
         }
         if let Some(a) = &raw.agent {
-            match crate::parse_listen_addr(a.get_ref()) {
-                Ok(ListenAddr::Tcp(sa)) => g.agent = Some(sa),
-                Ok(_) => self.error(
-                    a.span(),
-                    "superserver.agent",
-                    "a TCP address such as \"10.0.0.2:9999\" (HAProxy's agent-check connects \
-                     over TCP)",
-                ),
-                Err(e) => self.error(a.span(), "superserver.agent", e),
-            }
+            g.agent = self.tcp_address(
+                a,
+                "superserver.agent",
+                "a TCP address such as \"10.0.0.2:9999\" (HAProxy's agent-check connects over \
+                 TCP)",
+            );
         }
         if let Some(d) = &raw.shutdown_grace {
             g.shutdown_grace = self
@@ -1630,6 +1622,26 @@ impl Validator<'_> {
     }
 
     /// A humantime duration of at most `max`.
+    /// A `"HOST:PORT"` TCP address (`hint` says what to write when it is another kind).
+    fn tcp_address(
+        &mut self,
+        v: &Spanned<String>,
+        key: &str,
+        hint: &str,
+    ) -> Option<std::net::SocketAddr> {
+        match crate::parse_listen_addr(v.get_ref()) {
+            Ok(ListenAddr::Tcp(sa)) => Some(sa),
+            Ok(_) => {
+                self.error(v.span(), key.to_owned(), hint);
+                None
+            }
+            Err(e) => {
+                self.error(v.span(), key.to_owned(), e);
+                None
+            }
+        }
+    }
+
     /// A duration that must not be zero (`why` says so when it is).
     fn positive_duration(
         &mut self,
