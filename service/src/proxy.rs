@@ -120,9 +120,15 @@ impl Rules {
     /// May `peer` (the connection's own source) send a header? IPv4-mapped IPv6 peers are
     /// matched as IPv4.
     pub fn trusts(&self, peer: IpAddr) -> bool {
-        let peer = peer.to_canonical();
-        self.from.iter().any(|net| net.contains(&peer))
+        trusted(&self.from, peer)
     }
+}
+
+/// Is `peer` in one of the balancer networks `from`? IPv4-mapped IPv6 peers are matched as
+/// IPv4. ([`Rules::trusts`], for callers that keep the networks elsewhere.)
+pub fn trusted(from: &[IpNet], peer: IpAddr) -> bool {
+    let peer = peer.to_canonical();
+    from.iter().any(|net| net.contains(&peer))
 }
 
 /// What a complete header says.

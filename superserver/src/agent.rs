@@ -41,13 +41,8 @@ impl<S: Source> Daemon<S> {
         if svc.drained || self.drained_all {
             return "drain\n".into();
         }
-        if let Some((slot, l)) = svc
-            .slots
-            .iter()
-            .zip(&svc.def.listen)
-            .find(|(s, _)| s.bound.is_none())
-        {
-            let _ = slot;
+        let mut slots = svc.slots.iter().zip(&svc.def.listen);
+        if let Some((_, l)) = slots.find(|(s, _)| s.bound.is_none()) {
             return format!("down#cannot bind {}\n", l.addr);
         }
         if svc.backoff_until.is_some() {

@@ -87,11 +87,7 @@ impl<S: Source> Daemon<S> {
             return;
         };
         let Some(balancer) = peer else { return };
-        let trusted = rules
-            .from
-            .iter()
-            .any(|n| n.contains(&balancer.ip().to_canonical()));
-        if !trusted {
+        if !proxy::trusted(&rules.from, balancer.ip()) {
             let why = format!("{} is not in proxy_from", balancer.ip());
             self.proxy_refused(i, &balancer, &why);
             return;
@@ -118,32 +114,37 @@ impl<S: Source> Daemon<S> {
             return;
         }
         // Not all here: watch the connection until the header is complete or too late.
-        let token = Token(HEADER_BASE + self.headers.next);
-        self.headers.next = (self.headers.next + 1) % (usize::MAX / 4 - 1);
-        let fd = conn.as_raw_fd();
-        if let Err(e) = self
-            .poll
-            .registry()
-            .register(&mut SourceFd(&fd), token, Interest::READABLE)
-        {
-            log::error!(
-                "{}: cannot watch a connection: {e}; closed",
-                self.services[i].def.name
-            );
-            return;
-        }
-        let due = Instant::now() + timeout;
-        self.services[i].waiting += 1;
         let waiting = Waiting {
             svc_id,
             slot,
             conn,
             balancer,
-            due,
+            due: Instant::now() + timeout,
         };
+        if let Err(e) = self.wait_for_header(i, waiting) {
+            log::error!(
+                "{}: cannot watch a connection: {e}; closed",
+                self.services[i].def.name
+            );
+        }
+    }
+
+    /// Watch a connection of service `i` until its header is complete or `due` (it counts
+    /// against `max_instances` meanwhile). On error the connection is closed.
+    fn wait_for_header(&mut self, i: usize, waiting: Waiting) -> std::io::Result<()> {
+        let token = Token(HEADER_BASE + self.headers.next);
+        self.headers.next = (self.headers.next + 1) % (usize::MAX / 4 - 1);
+        self.poll.registry().register(
+            &mut SourceFd(&waiting.conn.as_raw_fd()),
+            token,
+            Interest::READABLE,
+        )?;
+        let due = waiting.due;
+        self.services[i].waiting += 1;
         self.headers.waiting.insert(token, waiting);
         self.add_timer(due, Timer::Header(token.0));
         self.rearm(i);
+        Ok(())
     }
 
     /// What an in-place upgrade carries of the connections waiting for their header.
@@ -176,31 +177,14 @@ impl<S: Source> Daemon<S> {
             if self.services[i].def.proxy.is_none() {
                 continue;
             }
-            let token = Token(HEADER_BASE + self.headers.next);
-            self.headers.next = (self.headers.next + 1) % (usize::MAX / 4 - 1);
-            if self
-                .poll
-                .registry()
-                .register(&mut SourceFd(&h.fd), token, Interest::READABLE)
-                .is_err()
-            {
-                continue;
-            }
-            let due = Instant::now() + std::time::Duration::from_millis(h.left_ms);
-            self.services[i].waiting += 1;
-            let svc_id = self.services[i].id;
-            self.headers.waiting.insert(
-                token,
-                Waiting {
-                    svc_id,
-                    slot: h.slot,
-                    conn,
-                    balancer: h.balancer,
-                    due,
-                },
-            );
-            self.add_timer(due, Timer::Header(token.0));
-            self.rearm(i);
+            let waiting = Waiting {
+                svc_id: self.services[i].id,
+                slot: h.slot,
+                conn,
+                balancer: h.balancer,
+                due: Instant::now() + std::time::Duration::from_millis(h.left_ms),
+            };
+            let _ = self.wait_for_header(i, waiting); // on error it is closed
         }
     }
 
