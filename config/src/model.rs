@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -75,8 +75,9 @@ pub enum ListenAddr {
     Tcp(SocketAddr),
     /// A UDP socket (`udp://host:port`).
     Udp(SocketAddr),
-    /// A Unix stream listener (`unix:/path`).
-    Unix(PathBuf),
+    /// A Unix stream listener (`unix:/path`). Shared: the superserver's socket and every copy
+    /// of the definition point at one path.
+    Unix(Arc<Path>),
 }
 
 impl ListenAddr {
@@ -258,19 +259,21 @@ pub struct PerSource {
 pub struct Service {
     /// The table name (`[service.NAME]`), used first in every log line.
     pub name: String,
-    /// The file the service was defined in (the main file or a drop-in), for messages.
-    pub file: PathBuf,
+    /// The file the service was defined in (the main file or a drop-in), for messages; one
+    /// copy shared by all the services of a file.
+    pub file: Arc<Path>,
     /// `enable` (default `true`). A disabled service is validated like any other and kept
     /// here, but its addresses take no part in the clash checks and it must not be started.
     pub enabled: bool,
     /// wait or nowait.
     pub mode: Mode,
-    /// The resolved program to execute (absolute path).
-    pub program: PathBuf,
+    /// The resolved program to execute (absolute path; one copy shared by the services
+    /// that run it).
+    pub program: Arc<Path>,
     /// argv as written, `argv[0]` included (never passed through a shell).
-    pub argv: Vec<String>,
+    pub argv: Box<[String]>,
     /// Sockets in config order; in wait mode they become fd 3, 4, … in this order.
-    pub listen: Vec<Listen>,
+    pub listen: Box<[Listen]>,
     /// Listen backlog (`backlog`, default from `[superserver]`).
     pub backlog: u32,
     /// Maximum concurrent children (`max_instances`; nowait default 64, wait always 1).
@@ -278,17 +281,8 @@ pub struct Service {
     /// wait: how many long-running children share the listening sockets (`instances`,
     /// 1..=256, default 1). Always 1 for nowait.
     pub instances: u32,
-    /// nowait: a child still running after this long is sent SIGTERM (`max_duration`, at most
-    /// one day). Always `None` for wait.
-    pub max_duration: Option<Duration>,
-    /// Per-source limit (`max_per_source`), nowait only.
-    pub per_source: Option<PerSource>,
     /// At the `max_instances` cap (`overflow`).
     pub overflow: Overflow,
-    /// Rate limit on accepted connections (nowait) or activations (wait) (`rate`).
-    pub rate: Option<Rate>,
-    /// `allow` / `deny`.
-    pub access: AccessRules,
     /// `user` / `group`; `None` means run as the superserver's own user. (Boxed: most
     /// services have none, and a thousand services should not each carry the space.)
     pub credentials: Option<Box<Credentials>>,
@@ -298,17 +292,9 @@ pub struct Service {
     /// anything it executes can gain privileges (setuid/setgid bits and file capabilities
     /// are ignored).
     pub no_new_privs: bool,
-    /// Variables set for the child (`env`).
-    pub env: BTreeMap<String, String>,
     /// Variables copied from the superserver's environment when set (`pass_env`,
     /// default `["PATH", "LANG", "LC_ALL", "TZ", "RUST_LOG"]`).
     pub pass_env: Arc<[String]>,
-    /// `working_directory` (default `/`).
-    pub working_directory: Option<PathBuf>,
-    /// `umask`, e.g. 0o022 (default: inherited).
-    pub umask: Option<u32>,
-    /// `limit_nofile`, `limit_nproc`.
-    pub limits: Limits,
     /// nowait: stdio (default) or fd 3 (`connection`).
     pub connection: ConnectionPassing,
     /// wait: the sockets as `LISTEN_FDS` (default) or the one socket on stdin/stdout
@@ -316,11 +302,75 @@ pub struct Service {
     pub handoff: Handoff,
     /// How the peer address appears in log lines (`log_peer`, default `Full`).
     pub log_peer: LogPeer,
-    /// `socket_mode`, `socket_user`, `socket_group` for `unix:` listeners.
-    pub unix_socket: UnixSocketOptions,
+    /// The settings most services leave at their defaults, out of line: `None` when all are
+    /// (read them with [`Service::extra`]).
+    pub(crate) extra: Option<Box<Extra>>,
     /// nowait: connections start with a PROXY protocol header from a trusted balancer
     /// (`proxy_protocol`, `proxy_from`, `proxy_timeout`). Boxed: most services have none.
     pub proxy: Option<Box<ProxyProtocol>>,
+}
+
+/// The settings of a service that most services leave at their defaults, kept out of line so
+/// that a service setting none of them carries one null pointer instead of some 200 bytes
+/// (a table of ten thousand services is mostly such services).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Extra {
+    /// nowait: a child still running after this long is sent SIGTERM (`max_duration`, at most
+    /// one day). Always `None` for wait.
+    pub max_duration: Option<Duration>,
+    /// Per-source limit (`max_per_source`), nowait only.
+    pub per_source: Option<PerSource>,
+    /// Rate limit on accepted connections (nowait) or activations (wait) (`rate`).
+    pub rate: Option<Rate>,
+    /// `allow` / `deny`.
+    pub access: AccessRules,
+    /// Variables set for the child (`env`).
+    pub env: BTreeMap<String, String>,
+    /// `working_directory` (default `/`).
+    pub working_directory: Option<PathBuf>,
+    /// `umask`, e.g. 0o022 (default: inherited).
+    pub umask: Option<u32>,
+    /// `limit_nofile`, `limit_nproc`.
+    pub limits: Limits,
+    /// `socket_mode`, `socket_user`, `socket_group` for `unix:` listeners.
+    pub unix_socket: UnixSocketOptions,
+}
+
+static DEFAULTS: Extra = Extra {
+    max_duration: None,
+    per_source: None,
+    rate: None,
+    access: AccessRules {
+        allow: Vec::new(),
+        deny: Vec::new(),
+    },
+    env: BTreeMap::new(),
+    working_directory: None,
+    umask: None,
+    limits: Limits {
+        nofile: None,
+        nproc: None,
+    },
+    unix_socket: UnixSocketOptions {
+        mode: None,
+        uid: None,
+        gid: None,
+    },
+};
+
+impl Extra {
+    /// Kept only when something differs from the defaults.
+    pub(crate) fn boxed(self) -> Option<Box<Extra>> {
+        (self != DEFAULTS).then(|| Box::new(self))
+    }
+}
+
+impl Service {
+    /// `max_duration`, `max_per_source`, `rate`, `allow`/`deny`, `env`,
+    /// `working_directory`, `umask`, the limits and the Unix socket options.
+    pub fn extra(&self) -> &Extra {
+        self.extra.as_deref().unwrap_or(&DEFAULTS)
+    }
 }
 
 /// Which PROXY protocol header versions a service accepts (`proxy_protocol`).

@@ -75,6 +75,7 @@ pub(crate) fn parse(text: &str, origin: &Path, opts: &LoadOptions) -> Result<Con
         seen: Vec::new(),
         names: HashMap::new(),
         socket_dirs: HashMap::new(),
+        programs: HashMap::new(),
     };
     let config = v.run();
     v.finish_file();
@@ -105,7 +106,7 @@ pub(crate) fn not_utf8(bytes: &[u8], origin: &Path, e: std::str::Utf8Error) -> C
 
 /// One file's errors collected so far, each with the byte offset it is sorted by.
 struct Report {
-    origin: PathBuf,
+    origin: Arc<Path>,
     text: Rc<str>,
     lines: LineIndex,
     errors: Vec<(usize, ConfigError)>,
@@ -114,7 +115,7 @@ struct Report {
 impl Report {
     fn new(origin: &Path, text: Rc<str>) -> Self {
         Report {
-            origin: origin.to_path_buf(),
+            origin: origin.into(),
             lines: LineIndex::new(text.as_bytes()),
             text,
             errors: Vec::new(),
@@ -126,7 +127,7 @@ impl Report {
         self.errors.push((
             span.start,
             ConfigError {
-                file: self.origin.clone(),
+                file: self.origin.to_path_buf(),
                 line,
                 column,
                 key: escape_controls(&key.into()),
@@ -140,7 +141,7 @@ impl Report {
         self.errors.push((
             0,
             ConfigError {
-                file: self.origin.clone(),
+                file: self.origin.to_path_buf(),
                 line: 0,
                 column: 0,
                 key: String::new(),
@@ -270,6 +271,9 @@ struct Validator<'a> {
     /// Unix socket directories checked so far, with the outcome (ten thousand sockets in one
     /// directory are one `stat`).
     socket_dirs: HashMap<PathBuf, Result<(), String>>,
+    /// Programs resolved so far (`exec[0]` as written), with the outcome: one copy of each
+    /// path, shared by every service that runs it, and one lookup.
+    programs: HashMap<String, Result<Arc<Path>, String>>,
 }
 
 impl Validator<'_> {
@@ -309,7 +313,7 @@ impl Validator<'_> {
         let mut defined = main.services.len();
         let mut enabled = self.services(main.services, &global, &mut services);
         let main_service_key = main.service_key;
-        let mut files = vec![self.report.origin.clone()];
+        let mut files = vec![self.report.origin.to_path_buf()];
         self.finish_file();
 
         for path in self.drop_ins(include.as_ref()) {
@@ -497,7 +501,7 @@ impl Validator<'_> {
     fn drop_ins(&mut self, include: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<PathBuf> {
         let main = self.done[0].origin.clone();
         let mut seen: HashSet<PathBuf> = HashSet::new();
-        seen.insert(std::fs::canonicalize(&main).unwrap_or(main.clone()));
+        seen.insert(std::fs::canonicalize(&main).unwrap_or(main.to_path_buf()));
         let mut out = Vec::new();
         let base = main.parent().unwrap_or(Path::new(""));
         for item in include.map(|l| l.get_ref().as_slice()).unwrap_or_default() {
@@ -1135,28 +1139,31 @@ impl Validator<'_> {
             enabled,
             mode,
             program,
-            argv,
-            listen: listen?,
+            argv: argv.into(),
+            listen: listen?.into(),
             backlog,
             max_instances: max_instances?,
             instances: instances?,
-            max_duration,
-            per_source,
             overflow,
-            rate,
-            access,
             credentials: credentials?.map(Box::new),
             allow_root,
             no_new_privs: raw.no_new_privs.unwrap_or(false),
-            env,
             pass_env,
-            working_directory,
-            umask,
-            limits,
             connection,
             handoff,
             log_peer,
-            unix_socket,
+            extra: Extra {
+                max_duration,
+                per_source,
+                rate,
+                access,
+                env,
+                working_directory,
+                umask,
+                limits,
+                unix_socket,
+            }
+            .boxed(),
             proxy,
         })
     }
@@ -1284,7 +1291,7 @@ impl Validator<'_> {
         &mut self,
         s: &Svc,
         exec: Option<Spanned<Vec<Spanned<String>>>>,
-    ) -> Option<(PathBuf, Vec<String>)> {
+    ) -> Option<(Arc<Path>, Vec<String>)> {
         let Some(exec) = exec else {
             if !s.removed("exec") {
                 self.error(
@@ -1316,19 +1323,34 @@ impl Validator<'_> {
                 ok = false;
             }
         }
-        let path = std::env::var_os("PATH");
-        let program = match resolve_program(
-            first.get_ref(),
-            self.opts.exe_dir.as_deref(),
-            path.as_deref(),
-        ) {
+        let resolved = match self.programs.get(first.get_ref()) {
+            Some(known) => known.clone(),
+            None => {
+                let path = std::env::var_os("PATH");
+                let resolved = resolve_program(
+                    first.get_ref(),
+                    self.opts.exe_dir.as_deref(),
+                    path.as_deref(),
+                )
+                .map(Arc::from);
+                self.programs
+                    .insert(first.get_ref().clone(), resolved.clone());
+                resolved
+            }
+        };
+        let program = match resolved {
             Ok(p) => Some(p),
             Err(m) => {
                 self.error(first.span(), s.key("exec"), m);
                 None
             }
         };
-        let argv = argv.into_iter().map(Spanned::into_inner).collect();
+        // Fresh copies, exactly sized, rather than the parser's strings: these live as long as
+        // the service, and the parser's are scattered among what it frees when it is done.
+        let argv = argv
+            .iter()
+            .map(|a| a.get_ref().as_str().to_owned())
+            .collect();
         Some((program?, argv)).filter(|_| ok)
     }
 

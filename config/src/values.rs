@@ -110,7 +110,7 @@ pub fn parse_listen_addr(text: &str) -> Result<ListenAddr, String> {
                 "unix socket path {written:?} is longer than 107 bytes or contains NUL"
             ));
         }
-        return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        return Ok(ListenAddr::Unix(Path::new(&path).into()));
     }
     if let Some(rest) = text.strip_prefix("tcp://") {
         return parse_host_port(rest).map(ListenAddr::Tcp);
@@ -512,7 +512,7 @@ mod tests {
         );
         assert_eq!(
             parse_listen_addr("unix:/run/x.sock"),
-            Ok(ListenAddr::Unix("/run/x.sock".into()))
+            Ok(ListenAddr::Unix(Path::new("/run/x.sock").into()))
         );
         for bad in [
             "localhost:7",

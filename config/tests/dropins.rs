@@ -74,7 +74,7 @@ fn drop_ins_are_read_in_pattern_then_lexical_order_and_listed() {
         ]
     );
     assert_eq!(names(&config), ["main", "a1", "a2", "b", "z", "x"]);
-    let file_of = |n: &str| config.service(n).unwrap().file.clone();
+    let file_of = |n: &str| config.service(n).unwrap().file.to_path_buf();
     assert_eq!(file_of("main"), main);
     assert_eq!(file_of("a2"), a);
     assert_eq!(file_of("b"), b);

@@ -149,7 +149,7 @@ fn unix_paths_are_stored_normalised() {
     let config = parse_str(text, Path::new("n.toml"), &LoadOptions::default()).unwrap();
     assert_eq!(
         config.services[0].listen[0].addr,
-        ListenAddr::Unix("/tmp/a.sock".into()),
+        ListenAddr::Unix(Path::new("/tmp/a.sock").into()),
         "a reload that only re-spells the path compares equal"
     );
 }
@@ -215,9 +215,9 @@ fn minimal_fixture_gets_the_defaults() {
         "{:?}",
         s.program
     );
-    assert_eq!(s.argv, ["cat"]);
+    assert_eq!(*s.argv, ["cat"]);
     assert_eq!(
-        s.listen,
+        *s.listen,
         [Listen {
             name: "echo".into(),
             addr: ListenAddr::Tcp("127.0.0.1:7007".parse().unwrap()),
@@ -225,27 +225,27 @@ fn minimal_fixture_gets_the_defaults() {
     );
     assert_eq!(s.backlog, 4096);
     assert_eq!(s.max_instances, 1);
-    assert_eq!(s.per_source, None);
+    assert_eq!(s.extra().per_source, None);
     assert_eq!(s.overflow, Overflow::Hold);
-    assert_eq!(s.rate, None);
-    assert!(s.access.is_empty());
+    assert_eq!(s.extra().rate, None);
+    assert!(s.extra().access.is_empty());
     let creds = s.credentials.as_ref().expect("minimal.toml sets user");
     assert_eq!(creds.user, "nobody");
     assert!(!s.allow_root);
-    assert!(s.env.is_empty());
+    assert!(s.extra().env.is_empty());
     assert_eq!(*s.pass_env, *DEFAULT_PASS_ENV);
-    assert_eq!(s.working_directory, None);
-    assert_eq!(s.umask, None);
-    assert_eq!(s.limits, Limits::default());
+    assert_eq!(s.extra().working_directory, None);
+    assert_eq!(s.extra().umask, None);
+    assert_eq!(s.extra().limits, Limits::default());
     assert_eq!(s.connection, ConnectionPassing::Stdio);
-    assert_eq!(s.unix_socket, UnixSocketOptions::default());
+    assert_eq!(s.extra().unix_socket, UnixSocketOptions::default());
     assert!(s.enabled);
     assert_eq!(s.instances, 1);
-    assert_eq!(s.max_duration, None);
+    assert_eq!(s.extra().max_duration, None);
     assert_eq!(s.handoff, Handoff::ListenFds);
     assert_eq!(s.log_peer, LogPeer::Full);
-    assert_eq!(s.file, Path::new("tests/fixtures/valid/minimal.toml"));
-    assert_eq!(config.files, std::slice::from_ref(&s.file));
+    assert_eq!(*s.file, *Path::new("tests/fixtures/valid/minimal.toml"));
+    assert_eq!(config.files, [s.file.to_path_buf()]);
 }
 
 #[test]
@@ -270,8 +270,8 @@ fn example_fixture_values() {
     // [service.small]: wait mode, named sockets in file order.
     let small = config.service("small").unwrap();
     assert_eq!(small.mode, Mode::Wait);
-    assert_eq!(small.program, dir.path().join("small-services"));
-    assert_eq!(small.argv, ["small-services", "--idle-timeout=8s"]);
+    assert_eq!(*small.program, *dir.path().join("small-services"));
+    assert_eq!(*small.argv, ["small-services", "--idle-timeout=8s"]);
     let listen: Vec<(&str, String)> = small
         .listen
         .iter()
@@ -289,13 +289,13 @@ fn example_fixture_values() {
     assert_eq!(small.backlog, 128);
     assert_eq!(small.max_instances, 1);
     assert_eq!(
-        small.rate,
+        small.extra().rate,
         Some(Rate {
             count: 50,
             per: Duration::from_secs(1)
         })
     );
-    let permits = |ip: &str| small.access.permits(ip.parse::<IpAddr>().unwrap());
+    let permits = |ip: &str| small.extra().access.permits(ip.parse::<IpAddr>().unwrap());
     assert!(permits("127.0.0.1"));
     assert!(!permits("127.0.0.66"));
     assert!(
@@ -311,12 +311,18 @@ fn example_fixture_values() {
     assert_eq!(creds.gid, nogroup.gid.as_raw());
     assert_eq!(creds.groups[0], creds.gid);
     assert_eq!(creds.home, nobody.dir);
-    assert_eq!(small.env.get("LANG").map(String::as_str), Some("C.UTF-8"));
-    assert_eq!(*small.pass_env, ["PATH", "LANG"]);
-    assert_eq!(small.working_directory.as_deref(), Some(Path::new("/")));
-    assert_eq!(small.umask, Some(0o022));
     assert_eq!(
-        small.limits,
+        small.extra().env.get("LANG").map(String::as_str),
+        Some("C.UTF-8")
+    );
+    assert_eq!(*small.pass_env, ["PATH", "LANG"]);
+    assert_eq!(
+        small.extra().working_directory.as_deref(),
+        Some(Path::new("/"))
+    );
+    assert_eq!(small.extra().umask, Some(0o022));
+    assert_eq!(
+        small.extra().limits,
         Limits {
             nofile: Some(1024),
             nproc: Some(64)
@@ -338,7 +344,7 @@ fn example_fixture_values() {
     assert_eq!(cat.backlog, 4096, "falls back to [superserver] backlog");
     assert_eq!(cat.max_instances, 40);
     assert_eq!(
-        cat.per_source,
+        cat.extra().per_source,
         Some(PerSource {
             max: 4,
             prefix_v4: 24,
@@ -348,7 +354,7 @@ fn example_fixture_values() {
     assert_eq!(cat.overflow, Overflow::Close);
     assert_eq!(cat.connection, ConnectionPassing::ListenFds);
     assert_eq!(
-        cat.rate,
+        cat.extra().rate,
         Some(Rate {
             count: 100,
             per: Duration::from_secs(10)
@@ -360,13 +366,13 @@ fn example_fixture_values() {
 
     // [service.unix-cat]: a unix socket with owner and mode.
     let unix = config.service("unix-cat").unwrap();
-    assert_eq!(unix.program, Path::new("/bin/cat"));
+    assert_eq!(*unix.program, *Path::new("/bin/cat"));
     assert_eq!(
         unix.listen[0].addr,
-        ListenAddr::Unix("/run/superserver-cat.sock".into())
+        ListenAddr::Unix(Path::new("/run/superserver-cat.sock").into())
     );
     assert_eq!(
-        unix.unix_socket,
+        unix.extra().unix_socket,
         UnixSocketOptions {
             mode: Some(0o660),
             uid: Some(nobody.uid.as_raw()),
@@ -377,7 +383,7 @@ fn example_fixture_values() {
     assert!(unix.allow_root, "runs as root with allow_root = true");
 
     // [service.cat] also has max_duration and log_peer.
-    assert_eq!(cat.max_duration, Some(Duration::from_secs(300)));
+    assert_eq!(cat.extra().max_duration, Some(Duration::from_secs(300)));
     assert_eq!(cat.log_peer, LogPeer::Masked);
     assert_eq!(cat.handoff, Handoff::ListenFds, "nowait: always ListenFds");
     assert_eq!(cat.instances, 1, "nowait: always 1");
@@ -389,7 +395,7 @@ fn example_fixture_values() {
     assert_eq!(udp.instances, 2);
     assert_eq!(udp.max_instances, 1);
     assert_eq!(udp.log_peer, LogPeer::None);
-    assert_eq!(udp.max_duration, None);
+    assert_eq!(udp.extra().max_duration, None);
 
     // [service.old-cat]: disabled, kept, sharing cat's port without a clash.
     let old = config.service("old-cat").unwrap();
@@ -402,7 +408,7 @@ fn example_fixture_values() {
             .filter(|s| s.name != "old-cat")
             .all(|s| s.enabled)
     );
-    assert!(config.services.iter().all(|s| s.file == config.files[0]));
+    assert!(config.services.iter().all(|s| *s.file == *config.files[0]));
     assert_eq!(
         config.files,
         [Path::new("tests/fixtures/valid/example.toml")]
@@ -548,7 +554,7 @@ fn dropins_fixture_reads_its_directory() {
     let summary: Vec<(&str, bool, &Path)> = config
         .services
         .iter()
-        .map(|s| (s.name.as_str(), s.enabled, s.file.as_path()))
+        .map(|s| (s.name.as_str(), s.enabled, &*s.file))
         .collect();
     assert_eq!(
         summary,

@@ -151,7 +151,7 @@ impl Control {
                 uid: None,
                 gid: control.group,
             };
-            match sockets::bind(&ListenAddr::Unix(path.clone()), 64, &opts) {
+            match sockets::bind(&ListenAddr::Unix(path.as_path().into()), 64, &opts) {
                 Ok(bound) => {
                     let registered = bound.socket.set_nonblocking(true).and_then(|()| {
                         registry.register(&mut SourceFd(&bound.fd()), CONTROL, Interest::READABLE)

@@ -20,7 +20,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
 use signal_hook_mio::v1_0::Signals;
-use superserver_config::{Config, ConfigErrors, Global, Listen, Mode, Service};
+use superserver_config::{Config, ConfigErrors, Global, Listen, ListenAddr, Mode, Service};
 
 use crate::children::{self, Children, Exit, Kind};
 use crate::control::{AGENT, CONTROL, Control, METRICS};
@@ -28,7 +28,7 @@ use crate::limits::{self, TokenBucket};
 use crate::proxy::Headers;
 use crate::sockets::{self, Pool};
 use crate::spawn::Template;
-use crate::state::{Counters, Slot, Svc};
+use crate::state::{Slot, Svc, Tally};
 use crate::{filter, logging, notify, plan};
 
 pub(crate) const SIGNALS: Token = Token(0);
@@ -88,7 +88,7 @@ pub struct Daemon<S: Source> {
     pub(crate) shutdown_deadline: Option<Instant>,
     /// Counters of services a reload removed, kept for their names: a counter never goes
     /// backwards, even across a remove and re-add.
-    pub(crate) retired: HashMap<String, Box<Counters>>,
+    pub(crate) retired: HashMap<String, Tally>,
     /// When this superserver started, for `status`.
     pub(crate) started: std::time::SystemTime,
     /// The control socket, the metrics endpoint and their clients.
@@ -164,7 +164,11 @@ impl<S: Source> Daemon<S> {
             };
             // SAFETY: the old image left this descriptor open for us; nothing else owns it.
             let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(s.fd) };
-            let owned = s.owned.as_ref().map(|(p, d, i)| (p.clone(), (*d, *i)));
+            // The file it made is the one at its address (an image that said otherwise is
+            // not believed: nothing is removed on its word).
+            let owned = s.owned.as_ref().and_then(|(p, d, i)| {
+                matches!(&addr, ListenAddr::Unix(a) if **a == **p).then_some((*d, *i))
+            });
             kept.put(sockets::Bound::restore(addr, fd, owned, s.nonblocking));
         }
 
@@ -201,8 +205,12 @@ impl<S: Source> Daemon<S> {
                 let bound = match pool.take(listen).or_else(|| kept.take(listen)) {
                     Some(b) => b,
                     None => {
-                        let b = sockets::bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket)
-                            .map_err(|e| StartError(format!("{}: {e}", svc.def.name)))?;
+                        let b = sockets::bind(
+                            &listen.addr,
+                            svc.def.backlog,
+                            &svc.def.extra().unix_socket,
+                        )
+                        .map_err(|e| StartError(format!("{}: {e}", svc.def.name)))?;
                         store(&b);
                         b
                     }
@@ -239,6 +247,7 @@ impl<S: Source> Daemon<S> {
         self.next_id += 1;
         let name = def.name.clone();
         let bucket = def
+            .extra()
             .rate
             .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
         let slots = def
@@ -422,13 +431,14 @@ impl<S: Source> Daemon<S> {
         if svc.rate_until.is_some_and(|t| t <= now) {
             svc.rate_until = None;
             // The episode ends once a whole period passes without a suspension.
-            if let Some(per) = svc.def.rate.map(|r| r.per) {
+            if let Some(per) = svc.def.extra().rate.map(|r| r.per) {
                 let id = svc.id;
                 self.timers.push(Reverse((now + per, Timer::Service(id))));
             }
         }
         let svc = &mut self.services[i];
-        if let (Some(ep), None, Some(rate)) = (&svc.rate_episode, svc.rate_until, svc.def.rate)
+        if let (Some(ep), None, Some(rate)) =
+            (&svc.rate_episode, svc.rate_until, svc.def.extra().rate)
             && now.saturating_duration_since(ep.1) >= rate.per
         {
             log::info!(
@@ -442,7 +452,7 @@ impl<S: Source> Daemon<S> {
         if svc.pause_until.is_some_and(|t| t <= now) {
             svc.pause_until = None;
         }
-        if svc.bind_retry.is_some_and(|(t, _)| t <= now) {
+        if svc.bind_retry.as_deref().is_some_and(|&(t, _)| t <= now) {
             self.retry_binds(i);
         }
         self.rearm(i);
@@ -491,8 +501,8 @@ impl<S: Source> Daemon<S> {
                         "{}: rate limit {}/{} reached; new clients wait in the backlog (one \
                          line when it ends)",
                         svc.def.name,
-                        svc.def.rate.map(|r| r.count).unwrap_or(0),
-                        children::human(svc.def.rate.map(|r| r.per).unwrap_or_default()),
+                        svc.def.extra().rate.map(|r| r.count).unwrap_or(0),
+                        children::human(svc.def.extra().rate.map(|r| r.per).unwrap_or_default()),
                     );
                     svc.rate_episode = Some(Box::new((now, now, 1)));
                 }
@@ -641,7 +651,7 @@ pub(crate) fn prepare_sockets(svc: &mut Svc) {
 pub(crate) fn attach_filters(svc: &mut Svc) {
     let none = superserver_config::AccessRules::default();
     let rules = if svc.def.mode == Mode::Wait {
-        &svc.def.access
+        &svc.def.extra().access
     } else {
         &none
     };

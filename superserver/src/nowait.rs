@@ -119,8 +119,8 @@ impl<S: Source> Daemon<S> {
             peer_str.push_str(&peer_label(Some(via.balancer), svc.def.log_peer));
         }
         let refusal = if let Some(p) = peer
-            && !svc.def.access.is_empty()
-            && !svc.def.access.permits(p.ip())
+            && !svc.def.extra().access.is_empty()
+            && !svc.def.extra().access.permits(p.ip())
         {
             svc.counters.refused_deny += 1;
             Some("denied by allow/deny".to_string())
@@ -132,7 +132,7 @@ impl<S: Source> Daemon<S> {
             None
         };
         let mut source = None;
-        let refusal = refusal.or_else(|| match (svc.def.per_source, peer) {
+        let refusal = refusal.or_else(|| match (svc.def.extra().per_source, peer) {
             (Some(limit), Some(p)) => {
                 let key = limits::source_key(p.ip(), &limit);
                 let sources = svc.sources.get_or_insert_with(Default::default);
@@ -190,7 +190,7 @@ impl<S: Source> Daemon<S> {
                 svc.running += 1;
                 log::debug!("{}: {peer_str} → pid {pid}", svc.def.name);
                 let started = Instant::now();
-                if let Some(limit) = svc.def.max_duration {
+                if let Some(limit) = svc.def.extra().max_duration {
                     let timer = Timer::Overrun {
                         pid,
                         started,

@@ -39,29 +39,29 @@ pub fn run_line(s: &Service) -> String {
         ),
     };
     let mut parts = vec![format!("runs {} as {who}", s.program.display())];
-    if let Some(r) = s.rate {
+    if let Some(r) = s.extra().rate {
         parts.push(format!(
             "rate {}/{}",
             r.count,
             crate::children::human(r.per)
         ));
     }
-    if let Some(p) = s.per_source {
+    if let Some(p) = s.extra().per_source {
         parts.push(format!("max_per_source {}", p.max));
     }
-    if let Some(n) = s.limits.nofile {
+    if let Some(n) = s.extra().limits.nofile {
         parts.push(format!("limit_nofile {n}"));
     }
-    if let Some(n) = s.limits.nproc {
+    if let Some(n) = s.extra().limits.nproc {
         parts.push(format!("limit_nproc {n}"));
     }
-    if let Some(m) = s.umask {
+    if let Some(m) = s.extra().umask {
         parts.push(format!("umask {m:03o}"));
     }
-    if let Some(d) = &s.working_directory {
+    if let Some(d) = &s.extra().working_directory {
         parts.push(format!("in {}", d.display()));
     }
-    if let Some(d) = s.max_duration {
+    if let Some(d) = s.extra().max_duration {
         parts.push(format!("max_duration {}", crate::children::human(d)));
     }
     match s.log_peer {
@@ -72,7 +72,7 @@ pub fn run_line(s: &Service) -> String {
     if s.no_new_privs {
         parts.push("no_new_privs".to_string());
     }
-    if !s.access.is_empty() {
+    if !s.extra().access.is_empty() {
         parts.push("allow/deny rules".to_string());
     }
     if let Some(p) = &s.proxy {

@@ -14,14 +14,13 @@
 //! that reads it), so scripts are executed by path, and their path and interpreter are
 //! checked as the service's user instead.
 
-use std::cell::Cell;
 use std::ffi::{CStr, CString};
 use std::fmt::Write as _;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 /// Who a child runs as, for permission checks and messages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -114,13 +113,13 @@ impl FileId {
     }
 }
 
-/// A service's program. A clone shares nothing: it starts from the same last check.
-#[derive(Clone)]
+/// A service's program as one user runs it. Services that run the same program as the same
+/// user share one (`Arc`): a re-check after the file changed serves them all.
 pub struct Program {
     path: CString,
     who: Identity,
     /// The file as last checked, and whether it is a script.
-    checked: Cell<Option<(FileId, bool)>>,
+    checked: Mutex<Option<(FileId, bool)>>,
 }
 
 impl Program {
@@ -132,7 +131,7 @@ impl Program {
         let program = Program {
             path,
             who,
-            checked: Cell::new(None),
+            checked: Mutex::new(None),
         };
         program.open()?;
         Ok(program)
@@ -153,11 +152,13 @@ impl Program {
         let fd = open(&self.path, libc::O_PATH).map_err(|e| format!("{display}: {e}"))?;
         let st = fstat(&fd).map_err(|e| format!("{display}: {e}"))?;
         let id = FileId::of(&st);
-        let script = match self.checked.get() {
+        // Only the event loop spawns: the lock is never contended.
+        let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        let script = match *checked {
             Some((last, script)) if last == id => script,
             _ => {
                 let script = self.check(&st)?;
-                self.checked.set(Some((id, script)));
+                *checked = Some((id, script));
                 script
             }
         };

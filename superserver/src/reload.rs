@@ -297,20 +297,21 @@ impl<S: Source> Daemon<S> {
             changed.push(def.name.clone());
             let sockets_changed = svc.def.listen != def.listen
                 || svc.def.backlog != def.backlog
-                || svc.def.unix_socket != def.unix_socket
+                || svc.def.extra().unix_socket != def.extra().unix_socket
                 || svc.def.mode != def.mode;
-            if svc.def.rate != def.rate {
+            if svc.def.extra().rate != def.extra().rate {
                 svc.bucket = def
+                    .extra()
                     .rate
                     .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
                 svc.rate_until = None;
             }
-            if svc.def.mode != def.mode || svc.def.per_source != def.per_source {
+            if svc.def.mode != def.mode || svc.def.extra().per_source != def.extra().per_source {
                 svc.holding = false;
             }
             if sockets_changed {
                 deregister(poll.registry(), svc);
-                for slot in svc.slots.drain(..) {
+                for slot in std::mem::take(&mut svc.slots) {
                     tokens.remove(&slot.token);
                     if let Some(b) = slot.bound {
                         pool.put(b);
@@ -329,12 +330,14 @@ impl<S: Source> Daemon<S> {
                     signal_group(pid, libc::SIGTERM);
                 }
                 std::mem::swap(&mut svc.def, def);
-                for j in 0..svc.def.listen.len() {
-                    let token = Token(*next_token);
-                    *next_token += 1;
-                    tokens.insert(token, (svc.id, j));
-                    svc.slots.push(Slot { bound: None, token });
-                }
+                svc.slots = (0..svc.def.listen.len())
+                    .map(|j| {
+                        let token = Token(*next_token);
+                        *next_token += 1;
+                        tokens.insert(token, (svc.id, j));
+                        Slot { bound: None, token }
+                    })
+                    .collect();
                 needs.push(i);
             } else {
                 std::mem::swap(&mut svc.def, def);
@@ -482,32 +485,36 @@ impl<S: Source> Daemon<S> {
             slot.bound = match pool.take(listen) {
                 Some(b) => {
                     // A kept socket gets this service's current backlog and file mode/owner.
-                    if let Err(e) = sockets::reapply(&b, svc.def.backlog, &svc.def.unix_socket) {
+                    if let Err(e) =
+                        sockets::reapply(&b, svc.def.backlog, &svc.def.extra().unix_socket)
+                    {
                         log::error!("{}: {e}", svc.def.name);
                     }
                     Some(b)
                 }
-                None => match pool.bind(&listen.addr, svc.def.backlog, &svc.def.unix_socket) {
-                    Ok(b) => {
-                        log::info!("{}: listening on {}", svc.def.name, listen.addr);
-                        store(&b);
-                        Some(b)
+                None => {
+                    match pool.bind(&listen.addr, svc.def.backlog, &svc.def.extra().unix_socket) {
+                        Ok(b) => {
+                            log::info!("{}: listening on {}", svc.def.name, listen.addr);
+                            store(&b);
+                            Some(b)
+                        }
+                        Err(e) => {
+                            log::error!("{}: {e}; will retry", svc.def.name);
+                            failed = true;
+                            None
+                        }
                     }
-                    Err(e) => {
-                        log::error!("{}: {e}; will retry", svc.def.name);
-                        failed = true;
-                        None
-                    }
-                },
+                }
             };
         }
         if failed {
-            let delay = match svc.bind_retry {
-                Some((_, d)) => (d * 2).min(global.restart_backoff_max),
+            let delay = match svc.bind_retry.as_deref() {
+                Some(&(_, d)) => (d * 2).min(global.restart_backoff_max),
                 None => global.restart_backoff_min.max(Duration::from_millis(500)),
             };
             let at = Instant::now() + delay;
-            svc.bind_retry = Some((at, delay));
+            svc.bind_retry = Some(Box::new((at, delay)));
             timers.push(std::cmp::Reverse((at, Timer::Service(svc.id))));
         } else {
             svc.bind_retry = None;

@@ -19,10 +19,10 @@ pub struct Bound {
     pub addr: ListenAddr,
     /// The socket.
     pub socket: Socket,
-    /// A Unix socket file this process created and must remove when it closes the socket,
-    /// with the device and inode it had: only that file is ever removed. `None` for IP
-    /// sockets and for inherited Unix sockets (whose file belongs to the launcher).
-    owned_path: Option<(PathBuf, (u64, u64))>,
+    /// The device and inode of the Unix socket file (at `addr`'s path) this process created
+    /// and must remove when it closes the socket: only that file is ever removed. `None` for
+    /// IP sockets and for inherited Unix sockets (whose file belongs to the launcher).
+    owned: Option<(u64, u64)>,
     /// The blocking mode this process last set (`None`: never set).
     nonblocking: Option<bool>,
 }
@@ -35,7 +35,10 @@ impl Bound {
 
     /// The Unix socket file this process created (path, device and inode), if any.
     pub fn owned(&self) -> Option<(&Path, (u64, u64))> {
-        self.owned_path.as_ref().map(|(p, id)| (p.as_path(), *id))
+        match (&self.addr, self.owned) {
+            (ListenAddr::Unix(path), Some(id)) => Some((path, id)),
+            _ => None,
+        }
     }
 
     /// The blocking mode this process last set, if any.
@@ -44,17 +47,17 @@ impl Bound {
     }
 
     /// A socket carried over an in-place upgrade (see `upgrade.rs`), with what the old image
-    /// knew of it.
+    /// knew of it: the device and inode of the socket file at `addr` it created, if any.
     pub fn restore(
         addr: ListenAddr,
         fd: OwnedFd,
-        owned: Option<(PathBuf, (u64, u64))>,
+        owned: Option<(u64, u64)>,
         nonblocking: Option<bool>,
     ) -> Bound {
         Bound {
+            owned: owned.filter(|_| matches!(addr, ListenAddr::Unix(_))),
             addr,
             socket: Socket::from(fd),
-            owned_path: owned,
             nonblocking,
         }
     }
@@ -81,8 +84,8 @@ impl Drop for Bound {
     /// Closing a socket we bound to a path removes the file, if it still is the file we
     /// created (another process may have replaced it meanwhile).
     fn drop(&mut self) {
-        if let Some((path, id)) = &self.owned_path
-            && file_id(path).ok() == Some(*id)
+        if let Some((path, id)) = self.owned()
+            && file_id(path).ok() == Some(id)
         {
             let _ = std::fs::remove_file(path);
         }
@@ -148,7 +151,7 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
             let bound = Bound {
                 addr: addr.clone(),
                 socket,
-                owned_path: Some((path.clone(), id)),
+                owned: Some(id),
                 nonblocking: None,
             };
             bound.socket.listen(backlog).map_err(fail)?;
@@ -193,7 +196,7 @@ fn bind_with(addr: &ListenAddr, backlog: u32, share: bool) -> Result<Bound, Bind
     Ok(Bound {
         addr: addr.clone(),
         socket,
-        owned_path: None,
+        owned: None,
         nonblocking: None,
     })
 }
@@ -443,7 +446,7 @@ pub fn reapply(bound: &Bound, backlog: u32, unix: &UnixSocketOptions) -> Result<
             .listen(backlog.min(i32::MAX as u32) as i32)
             .map_err(fail)?;
     }
-    let Some((path, id)) = &bound.owned_path else {
+    let Some((path, id)) = bound.owned() else {
         return Ok(());
     };
     if unix.mode.is_none() && unix.uid.is_none() && unix.gid.is_none() {
@@ -468,7 +471,7 @@ pub fn reapply(bound: &Bound, backlog: u32, unix: &UnixSocketOptions) -> Result<
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(fail(io::Error::last_os_error()));
     }
-    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK || (st.st_dev, st.st_ino) != *id {
+    if st.st_mode & libc::S_IFMT != libc::S_IFSOCK || (st.st_dev, st.st_ino) != id {
         return Err(fail(io::Error::other(
             "the file is no longer the socket we bound; not changing it",
         )));
@@ -510,7 +513,7 @@ fn address_of(socket: &Socket) -> io::Result<Option<ListenAddr>> {
     if let Some(path) = local.as_pathname()
         && ty == Type::STREAM
     {
-        return Ok(Some(ListenAddr::Unix(path.to_path_buf())));
+        return Ok(Some(ListenAddr::Unix(path.into())));
     }
     Ok(None)
 }
@@ -668,7 +671,7 @@ impl Pool {
             let bound = Bound {
                 addr: addr.clone(),
                 socket,
-                owned_path: None,
+                owned: None,
                 nonblocking: None,
             };
             if wanted.iter().any(|l| l.addr == addr) {

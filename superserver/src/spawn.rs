@@ -19,7 +19,7 @@
 //! parent's threads through shared memory).
 
 use std::collections::HashSet;
-use std::ffi::{CString, OsStr};
+use std::ffi::{CStr, CString, OsStr};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -124,18 +124,58 @@ pub fn raise_nofile_limit() {
 /// computed once when the configuration is loaded (no work between accept and fork that could
 /// be done earlier).
 pub struct Template {
-    program: Program,
-    argv: Arc<[CString]>,
-    base_env: Arc<[CString]>,
+    program: Arc<Program>,
+    argv: CStrings,
+    base_env: CStrings,
     /// `Some` only when the child's credentials differ from the superserver's own: a
     /// superserver that runs a service as itself changes nothing (and needs no privilege).
     creds: Option<Box<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>>,
+    /// `None` when the service sets no limit, umask or working directory (most do not).
+    setup: Option<Box<Setup>>,
+    /// `PR_SET_NO_NEW_PRIVS` before exec.
+    no_new_privs: bool,
+}
+
+/// What a child sets up when its service asks for it.
+#[derive(Default, PartialEq)]
+struct Setup {
     limits: Limits,
     umask: Option<libc::mode_t>,
     /// `None` means `/`.
     cwd: Option<CString>,
-    /// `PR_SET_NO_NEW_PRIVS` before exec.
-    no_new_privs: bool,
+}
+
+/// A list of C strings in one allocation, each NUL-terminated, back to back: an argv or an
+/// environment, shared between the services that have the same one.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct CStrings(Arc<[u8]>);
+
+impl std::borrow::Borrow<[u8]> for CStrings {
+    fn borrow(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl CStrings {
+    fn len(&self) -> usize {
+        self.0.iter().filter(|&&b| b == 0).count()
+    }
+
+    /// A pointer to each string, for argv or envp.
+    fn pointers(&self) -> impl Iterator<Item = *const libc::c_char> + '_ {
+        self.0
+            .split_inclusive(|&b| b == 0)
+            .map(|s| s.as_ptr().cast())
+    }
+}
+
+/// `items` as C strings back to back, or what is wrong with one.
+fn cstrings<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    for item in items {
+        out.extend_from_slice(cstring(item)?.as_bytes_with_nul());
+    }
+    Ok(out)
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString, String> {
@@ -213,12 +253,7 @@ impl Template {
             ));
         }
         let program = interned.program(&svc.program, &who)?;
-        let argv = interned.intern(
-            svc.argv
-                .iter()
-                .map(|a| cstring(a.as_bytes()))
-                .collect::<Result<Vec<_>, String>>()?,
-        );
+        let argv = interned.intern(cstrings(svc.argv.iter().map(|a| a.as_bytes()))?);
         let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut set = |k: &[u8], v: &[u8]| {
             env.retain(|(name, _)| name != k);
@@ -234,7 +269,7 @@ impl Template {
             set(b"LOGNAME", c.user.as_bytes());
             set(b"HOME", c.home.as_os_str().as_bytes());
         }
-        for (k, v) in &svc.env {
+        for (k, v) in &svc.extra().env {
             set(k.as_bytes(), v.as_bytes());
         }
         // Lines the child writes to our stderr keep their priority under journald.
@@ -243,26 +278,38 @@ impl Template {
         {
             set(b"JOURNAL_STREAM", stream.as_bytes());
         }
-        let base_env = interned.intern(
-            env.into_iter()
-                .map(|(k, v)| cstring(&[&k[..], b"=", &v[..]].concat()))
-                .collect::<Result<Vec<_>, String>>()?,
-        );
+        let base_env = interned.intern(cstrings(
+            env.iter()
+                .map(|(k, v)| [&k[..], b"=", &v[..]].concat())
+                .collect::<Vec<_>>()
+                .iter()
+                .map(Vec::as_slice),
+        )?);
         let creds = change.then(|| Box::new((who.uid, who.gid, who.groups.clone())));
-        let cwd = match &svc.working_directory {
-            Some(dir) => Some(cstring(dir.as_os_str().as_bytes())?),
-            None => None,
+        let setup = Setup {
+            limits: svc.extra().limits,
+            umask: svc.extra().umask.map(|m| m as libc::mode_t),
+            cwd: match &svc.extra().working_directory {
+                Some(dir) => Some(cstring(dir.as_os_str().as_bytes())?),
+                None => None,
+            },
         };
         Ok(Template {
             program,
             argv,
             base_env,
             creds,
-            limits: svc.limits,
-            umask: svc.umask.map(|m| m as libc::mode_t),
-            cwd,
+            setup: (setup != Setup::default()).then(|| Box::new(setup)),
             no_new_privs: svc.no_new_privs,
         })
+    }
+
+    /// The child's working directory.
+    fn cwd(&self) -> &CStr {
+        self.setup
+            .as_deref()
+            .and_then(|s| s.cwd.as_deref())
+            .unwrap_or(c"/")
     }
 
     /// "/usr/bin/x as nobody", for log lines.
@@ -314,9 +361,9 @@ impl Template {
             envp.push(pid_buf.as_ptr().cast());
         }
         envp.extend(env_strings.iter().map(|s| s.as_ptr()));
-        envp.extend(self.base_env.iter().map(|s| s.as_ptr()));
+        envp.extend(self.base_env.pointers());
         envp.push(std::ptr::null());
-        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|s| s.as_ptr()).collect();
+        let mut argv: Vec<*const libc::c_char> = self.argv.pointers().collect();
         argv.push(std::ptr::null());
         let groups: &[libc::gid_t] = self.creds.as_deref().map_or(&[], |c| &c.2[..]);
 
@@ -380,10 +427,7 @@ impl Template {
             Some(Step::Fds) => format!("moving descriptors into place: {errno}"),
             Some(Step::RlimitNofile) => format!("setrlimit RLIMIT_NOFILE: {errno}"),
             Some(Step::RlimitNproc) => format!("setrlimit RLIMIT_NPROC: {errno}"),
-            Some(Step::Chdir) => format!(
-                "chdir {}: {errno}",
-                self.cwd.as_deref().unwrap_or(c"/").to_string_lossy()
-            ),
+            Some(Step::Chdir) => format!("chdir {}: {errno}", self.cwd().to_string_lossy()),
             Some(Step::Setgroups) => format!("setgroups: {errno}"),
             Some(Step::Setgid) => format!("setgid: {errno}"),
             Some(Step::Setuid) => format!("setuid: {errno}"),
@@ -504,16 +548,25 @@ impl Template {
                 let slot = std::slice::from_raw_parts_mut(a.pid_slot, 21);
                 write_decimal(slot, libc::getpid() as u64);
             }
+            static NONE: Setup = Setup {
+                limits: Limits {
+                    nofile: None,
+                    nproc: None,
+                },
+                umask: None,
+                cwd: None,
+            };
+            let setup = self.setup.as_deref().unwrap_or(&NONE);
             let limits = [
                 (
                     libc::RLIMIT_NOFILE,
                     Step::RlimitNofile,
-                    self.limits.nofile.map(|n| (n, n)),
+                    setup.limits.nofile.map(|n| (n, n)),
                 ),
                 (
                     libc::RLIMIT_NPROC,
                     Step::RlimitNproc,
-                    self.limits.nproc.map(|n| (n, n)),
+                    setup.limits.nproc.map(|n| (n, n)),
                 ),
             ];
             for (resource, step, value) in limits {
@@ -540,7 +593,7 @@ impl Template {
                     }
                 }
             }
-            if let Some(mask) = self.umask {
+            if let Some(mask) = setup.umask {
                 libc::umask(mask);
             }
             // Privileges last, in the only safe order: groups, gid, uid; and only when they
@@ -558,8 +611,7 @@ impl Template {
             }
             // The working directory is entered as the service's user: a directory it may not
             // enter is an error, not a way in.
-            let cwd = self.cwd.as_deref().unwrap_or(c"/");
-            if libc::chdir(cwd.as_ptr()) != 0 {
+            if libc::chdir(self.cwd().as_ptr()) != 0 {
                 fail(Step::Chdir);
             }
             if self.no_new_privs && libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
@@ -644,13 +696,13 @@ thread_local! {
 
 /// What loading one configuration already prepared: argv and environment lists (services that
 /// share one, a thousand services with the same pass-list say, share one copy) and programs
-/// checked for a user (the next service with the same program and user starts from that
-/// check instead of opening and reading the file again). Found by hash, so a table of ten
-/// thousand services costs linear time.
+/// checked for a user (the next service with the same program and user shares it instead of
+/// opening and reading the file again). Found by hash, so a table of ten thousand services
+/// costs linear time.
 #[derive(Default)]
 struct Interner {
-    lists: HashSet<Arc<[CString]>>,
-    programs: std::collections::HashMap<(std::path::PathBuf, Identity), Program>,
+    lists: HashSet<CStrings>,
+    programs: std::collections::HashMap<(std::path::PathBuf, Identity), Arc<Program>>,
     /// The superserver's variables `pass_env` asked for so far (each read once per load).
     env: std::collections::HashMap<String, Option<std::ffi::OsString>>,
 }
@@ -666,23 +718,24 @@ impl Interner {
         v
     }
 
-    /// `path` opened and checked for `who`, or a copy of the check made for an earlier service.
-    fn program(&mut self, path: &std::path::Path, who: &Identity) -> Result<Program, String> {
+    /// `path` opened and checked for `who`, or the one an earlier service with the same
+    /// program and user has.
+    fn program(&mut self, path: &std::path::Path, who: &Identity) -> Result<Arc<Program>, String> {
         let key = (path.to_path_buf(), who.clone());
         if let Some(p) = self.programs.get(&key) {
             return Ok(p.clone());
         }
-        let program = Program::new(path, who.clone())?;
+        let program = Arc::new(Program::new(path, who.clone())?);
         self.programs.insert(key, program.clone());
         Ok(program)
     }
 
     /// One shared copy of each distinct list of C strings.
-    fn intern(&mut self, list: Vec<CString>) -> Arc<[CString]> {
+    fn intern(&mut self, list: Vec<u8>) -> CStrings {
         if let Some(shared) = self.lists.get(&list[..]) {
             return shared.clone();
         }
-        let shared: Arc<[CString]> = list.into();
+        let shared = CStrings(list.into());
         self.lists.insert(shared.clone());
         shared
     }

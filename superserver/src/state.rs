@@ -23,7 +23,7 @@ pub(crate) struct Svc {
     pub(crate) id: u64,
     pub(crate) def: Service,
     pub(crate) template: Template,
-    pub(crate) slots: Vec<Slot>,
+    pub(crate) slots: Box<[Slot]>,
     pub(crate) armed: bool,
     /// Wait mode: the processes holding the sockets (at most `instances`).
     pub(crate) wait_children: Vec<i32>,
@@ -49,10 +49,10 @@ pub(crate) struct Svc {
     pub(crate) refusals: limits::LogLimiter,
     pub(crate) pause_until: Option<Instant>,
     pub(crate) holding: bool,
-    /// Sockets that could not be bound at reload, retried with back-off.
-    pub(crate) bind_retry: Option<(Instant, Duration)>,
+    /// Sockets that could not be bound at reload, retried with back-off (boxed: rare).
+    pub(crate) bind_retry: Option<Box<(Instant, Duration)>>,
     /// What happened to it since the superserver started (kept across reloads).
-    pub(crate) counters: Box<Counters>,
+    pub(crate) counters: Tally,
     /// How its last process ended.
     pub(crate) last_exit: Option<Box<LastExit>>,
 }
@@ -137,6 +137,47 @@ pub(crate) struct Counters {
     pub(crate) proxy_local: u64,
     /// Times a connection (nowait) or an activation (wait) found no token and had to wait.
     pub(crate) rate_limited: u64,
+}
+
+/// A service's [`Counters`], allocated at its first event: a service nobody has used yet costs
+/// no memory for them (a table of ten thousand mostly idle services, say). Reads as the
+/// counters (all zero until then); a write allocates.
+#[derive(Debug, Default)]
+pub(crate) struct Tally(Option<Box<Counters>>);
+
+static ZERO: Counters = Counters {
+    accepted: 0,
+    activations: 0,
+    spawned: 0,
+    spawn_failures: 0,
+    exits_ok: 0,
+    exits_failed: 0,
+    exits_signaled: 0,
+    refused_deny: 0,
+    refused_per_source: 0,
+    refused_overflow: 0,
+    refused_proxy: 0,
+    proxy_local: 0,
+    rate_limited: 0,
+};
+
+impl From<Counters> for Tally {
+    fn from(c: Counters) -> Tally {
+        Tally((c != ZERO).then(|| Box::new(c)))
+    }
+}
+
+impl std::ops::Deref for Tally {
+    type Target = Counters;
+    fn deref(&self) -> &Counters {
+        self.0.as_deref().unwrap_or(&ZERO)
+    }
+}
+
+impl std::ops::DerefMut for Tally {
+    fn deref_mut(&mut self) -> &mut Counters {
+        self.0.get_or_insert_with(Box::default)
+    }
 }
 
 /// How a service's last process ended.

@@ -148,7 +148,7 @@ impl<S: Source> Daemon<S> {
         let mut sockets = Vec::new();
         let mut services = Vec::new();
         for svc in &mut self.services {
-            let tokens = match (svc.bucket.as_mut(), svc.def.rate) {
+            let tokens = match (svc.bucket.as_mut(), svc.def.extra().rate) {
                 (Some(b), Some(r)) => Some((b.tokens(now), r.count, r.per.as_millis() as u64)),
                 _ => None,
             };
@@ -223,7 +223,7 @@ impl<S: Source> Daemon<S> {
         self.started = from_unix_ms(saved.started_unix_ms);
         self.drained_all = saved.drained_all;
         for (name, c) in saved.retired {
-            self.retired.insert(name, Box::new(c));
+            self.retired.insert(name, c.into());
         }
         let by_name: HashMap<String, usize> = self
             .services
@@ -233,12 +233,12 @@ impl<S: Source> Daemon<S> {
             .collect();
         for s in saved.services {
             let Some(&i) = by_name.get(&s.name) else {
-                self.retired.insert(s.name, Box::new(s.counters));
+                self.retired.insert(s.name, s.counters.into());
                 continue;
             };
             let now = Instant::now();
             let svc = &mut self.services[i];
-            if let (Some((tokens, count, per_ms)), Some(rate)) = (s.tokens, svc.def.rate)
+            if let (Some((tokens, count, per_ms)), Some(rate)) = (s.tokens, svc.def.extra().rate)
                 && rate.count == count
                 && rate.per.as_millis() as u64 == per_ms
             {
@@ -285,7 +285,7 @@ impl<S: Source> Daemon<S> {
                 if let Some(i) = i {
                     let svc = &mut self.services[i];
                     svc.running += 1;
-                    if let (Some(key), Some(limit)) = (source, svc.def.per_source) {
+                    if let (Some(key), Some(limit)) = (source, svc.def.extra().per_source) {
                         let sources = svc.sources.get_or_insert_with(Default::default);
                         sources.try_add(key, limit.max.max(u32::MAX / 2));
                     }
