@@ -657,6 +657,10 @@ pub(crate) fn attach_filters(svc: &mut Svc) {
     };
     for (slot, listen) in svc.slots.iter_mut().zip(&svc.def.listen) {
         let Some(b) = &slot.bound else { continue };
+        // Socket filters are for IP peers: a Unix socket has none to attach or detach.
+        if let ListenAddr::Unix(_) = b.addr {
+            continue;
+        }
         if let Err(e) = filter::attach(b.fd(), rules) {
             log::error!(
                 "{}: {}: cannot attach the allow/deny socket filter: {e}; not serving this \

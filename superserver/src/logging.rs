@@ -94,6 +94,18 @@ pub fn pending() -> bool {
     LOGGER.get().is_some_and(|l| l.lock().pending())
 }
 
+/// While `on`, lines are written a chunk (`PIPE_BUF`) at a time instead of one write per line:
+/// for a burst of lines (one per service at start-up). Turning it off writes what is held.
+pub fn coalesce(on: bool) {
+    if let Some(l) = LOGGER.get() {
+        let mut backlog = l.lock();
+        backlog.coalesce = on;
+        if !on {
+            backlog.drain();
+        }
+    }
+}
+
 /// Write as much of the backlog as stderr takes now, without blocking. Cheap when nothing is
 /// pending; call it after each iteration of the event loop.
 pub fn flush() {
@@ -308,6 +320,8 @@ struct Backlog {
     buf: Vec<u8>,
     /// Lines dropped since the backlog was last written out completely.
     dropped: u64,
+    /// See [`coalesce`].
+    coalesce: bool,
 }
 
 impl Backlog {
@@ -318,6 +332,7 @@ impl Backlog {
             capacity,
             buf: Vec::new(),
             dropped: 0,
+            coalesce: false,
         }
     }
 
@@ -328,13 +343,17 @@ impl Backlog {
     /// Write what can be written, then queue `line`, or drop and count it when it does not
     /// fit or while earlier lines are being dropped; then write again.
     fn push(&mut self, line: &[u8]) {
-        self.drain();
+        if !self.coalesce {
+            self.drain();
+        }
         if self.dropped > 0 || self.buf.len() + line.len() > self.capacity {
             self.dropped += 1;
             return;
         }
         self.buf.extend_from_slice(line);
-        self.drain();
+        if !self.coalesce || self.buf.len() >= CHUNK {
+            self.drain();
+        }
     }
 
     /// Write until the sink would block or the backlog is empty; once it is empty after

@@ -155,9 +155,11 @@ fn run(args: cli::Args) -> Result<(), Failure> {
     let try_line = plan::try_line(&config);
     let mut daemon = Daemon::start(config, templates, source, inherited, saved)
         .map_err(|e| Failure::Startup(e.0))?;
+    logging::coalesce(true);
     for line in daemon.describe() {
         log::info!("listening: {line}");
     }
+    logging::coalesce(false);
     match try_line {
         Some(line) => log::info!("ready; try: {line}"),
         None => log::info!("ready"),

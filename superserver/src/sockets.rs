@@ -211,7 +211,7 @@ fn bind_with(addr: &ListenAddr, backlog: u32, share: bool) -> Result<Bound, Bind
 /// and renamed into place. A rename replaces the directory entry and follows nothing.
 /// Returns the socket and the device and inode of its file.
 fn bind_unix(path: &Path, opts: &UnixSocketOptions) -> io::Result<(Socket, (u64, u64))> {
-    match std::fs::symlink_metadata(path) {
+    let stale = match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if someone_listens(path) {
                 return Err(io::Error::new(
@@ -220,6 +220,7 @@ fn bind_unix(path: &Path, opts: &UnixSocketOptions) -> io::Result<(Socket, (u64,
                      superserver?); stop it or choose another path",
                 ));
             }
+            true
         }
         Ok(_) => {
             return Err(io::Error::new(
@@ -227,12 +228,15 @@ fn bind_unix(path: &Path, opts: &UnixSocketOptions) -> io::Result<(Socket, (u64,
                 "the path exists and is not a socket; refusing to remove it",
             ));
         }
-        Err(_) => {}
-    }
+        Err(_) => false,
+    };
     let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
     if opts.mode.is_none() && opts.uid.is_none() && opts.gid.is_none() {
-        // Nothing to apply after the bind: bind in place, replacing a stale socket.
-        let _ = std::fs::remove_file(path);
+        // Nothing to apply after the bind: bind in place, replacing a stale socket (a file
+        // that appeared since the check makes the bind fail: nothing is removed unseen).
+        if stale {
+            let _ = std::fs::remove_file(path);
+        }
         socket.bind(&SockAddr::unix(path)?)?;
         return Ok((socket, file_id(path)?));
     }

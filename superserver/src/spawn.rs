@@ -220,14 +220,14 @@ impl Template {
                 let mut groups = c.groups.clone();
                 groups.sort_unstable();
                 groups.dedup();
-                Identity {
+                std::borrow::Cow::Owned(Identity {
                     name: c.user.clone(),
                     uid: c.uid,
                     gid: c.gid,
                     groups,
-                }
+                })
             }
-            None => me.clone(),
+            None => std::borrow::Cow::Borrowed(me),
         };
         // The primary group counts as a member of the supplementary list or not: the same
         // access either way.
@@ -702,7 +702,8 @@ thread_local! {
 #[derive(Default)]
 struct Interner {
     lists: HashSet<CStrings>,
-    programs: std::collections::HashMap<(std::path::PathBuf, Identity), Arc<Program>>,
+    /// By path, then by user (a program is rarely run as more than one or two users).
+    programs: std::collections::HashMap<Arc<std::path::Path>, Vec<Arc<Program>>>,
     /// The superserver's variables `pass_env` asked for so far (each read once per load).
     env: std::collections::HashMap<String, Option<std::ffi::OsString>>,
 }
@@ -720,13 +721,17 @@ impl Interner {
 
     /// `path` opened and checked for `who`, or the one an earlier service with the same
     /// program and user has.
-    fn program(&mut self, path: &std::path::Path, who: &Identity) -> Result<Arc<Program>, String> {
-        let key = (path.to_path_buf(), who.clone());
-        if let Some(p) = self.programs.get(&key) {
+    fn program(
+        &mut self,
+        path: &Arc<std::path::Path>,
+        who: &Identity,
+    ) -> Result<Arc<Program>, String> {
+        let known = self.programs.entry(path.clone()).or_default();
+        if let Some(p) = known.iter().find(|p| p.who() == who) {
             return Ok(p.clone());
         }
         let program = Arc::new(Program::new(path, who.clone())?);
-        self.programs.insert(key, program.clone());
+        known.push(program.clone());
         Ok(program)
     }
 
