@@ -16,10 +16,9 @@ use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
+use crate::signals::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2, Signals};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
-use signal_hook_mio::v1_0::Signals;
 use superserver_config::{Config, ConfigErrors, Global, Listen, ListenAddr, Mode, Service};
 
 use crate::children::{self, Children, Exit, Kind};
@@ -121,11 +120,11 @@ impl<S: Source> Daemon<S> {
         saved: Option<crate::upgrade::Saved>,
     ) -> Result<Daemon<S>, StartError> {
         let poll = Poll::new().map_err(|e| StartError(format!("cannot create poll: {e}")))?;
-        let mut signals = Signals::new([SIGCHLD, SIGHUP, SIGTERM, SIGINT, SIGUSR2])
-            .map_err(|e| StartError(format!("cannot install signal handlers: {e}")))?;
-        // After an in-place upgrade every signal arrives blocked: what came during the exec is
-        // delivered now that the handlers are in place.
-        crate::upgrade::unblock_signals();
+        let mut signals = Signals::new()
+            .map_err(|e| StartError(format!("cannot read signals from a signalfd: {e}")))?;
+        // After an in-place upgrade every signal arrives blocked: ours that came during the
+        // exec wait in the signalfd; the others are unblocked.
+        crate::signals::block_only_ours();
         poll.registry()
             .register(&mut signals, SIGNALS, Interest::READABLE)
             .map_err(|e| StartError(format!("cannot poll signals: {e}")))?;
@@ -319,8 +318,7 @@ impl<S: Source> Daemon<S> {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => {
-                        let pending: Vec<i32> = self.signals.pending().collect();
-                        for sig in pending {
+                        for sig in self.signals.pending() {
                             self.on_signal(sig);
                         }
                     }

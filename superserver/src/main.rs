@@ -18,6 +18,7 @@ mod preflight;
 mod program;
 mod proxy;
 mod reload;
+mod signals;
 mod sockets;
 mod source;
 mod spawn;
@@ -129,6 +130,8 @@ fn run(args: cli::Args) -> Result<(), Failure> {
         return Ok(());
     }
     source::ensure_std_fds();
+    // Before any thread starts: every thread inherits the block (see signals.rs).
+    signals::block();
     spawn::raise_nofile_limit();
     let source = ConfigSource::new(args.config, args.config_dir);
     let config = source.load_reported().map_err(Failure::Config)?;

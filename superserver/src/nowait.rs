@@ -2,9 +2,8 @@
 //! connection with the peer in its environment, end children that overrun `max_duration`.
 
 use std::cmp::Reverse;
-use std::ffi::OsStr;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::time::Instant;
 
@@ -15,7 +14,7 @@ use crate::children::{self, Child, Exit, Kind};
 use crate::daemon::*;
 use crate::limits::{self};
 use crate::proxy::Via;
-use crate::spawn::Fds;
+use crate::spawn::{Env, Fds};
 
 impl<S: Source> Daemon<S> {
     /// Nowait: accept the pending connections the limits allow, at most [`ACCEPT_BATCH`] per
@@ -165,18 +164,17 @@ impl<S: Source> Daemon<S> {
             (None, Some(listen)) => local_addr(&listen.addr, &conn),
             (None, None) => conn.local_addr().ok().and_then(|a| a.as_socket()),
         };
-        let mut env_owned = peer_env(peer, local);
+        let mut env = Env::with_capacity(256);
+        peer_env(&mut env, peer, local);
         if let Some(via) = via {
-            env_owned.push(("PROXY_ADDR", ip_text(via.balancer.ip())));
-            env_owned.push(("PROXY_PORT", via.balancer.port().to_string()));
+            env.set("PROXY_ADDR", via.balancer.ip().to_canonical());
+            env.set("PROXY_PORT", via.balancer.port());
         }
-        let mut env: Vec<(&str, &OsStr)> =
-            env_owned.iter().map(|(k, v)| (*k, OsStr::new(v))).collect();
         let fds = match svc.def.connection {
             ConnectionPassing::Stdio => Fds::Stdio(conn.as_raw_fd()),
             ConnectionPassing::ListenFds => {
-                env.push(("LISTEN_FDS", OsStr::new("1")));
-                env.push(("LISTEN_FDNAMES", OsStr::new("connection")));
+                env.set("LISTEN_FDS", 1);
+                env.set("LISTEN_FDNAMES", "connection");
                 Fds::Fd3(conn.as_raw_fd())
             }
         };
@@ -290,31 +288,22 @@ pub(crate) fn local_addr(listen: &ListenAddr, conn: &socket2::Socket) -> Option<
 
 /// The peer's identity for the child: UCSPI (`PROTO`, `TCPREMOTEIP`, …) and systemd's
 /// `REMOTE_ADDR`/`REMOTE_PORT`.
-pub(crate) fn peer_env(
-    peer: Option<SocketAddr>,
-    local: Option<SocketAddr>,
-) -> Vec<(&'static str, String)> {
+pub(crate) fn peer_env(env: &mut Env, peer: Option<SocketAddr>, local: Option<SocketAddr>) {
     let Some(peer) = peer else {
-        return vec![("PROTO", "UNIX".to_string())];
+        env.set("PROTO", "UNIX");
+        return;
     };
-    let ip = ip_text;
-    let mut env = vec![
-        ("PROTO", "TCP".to_string()),
-        ("TCPREMOTEIP", ip(peer.ip())),
-        ("TCPREMOTEPORT", peer.port().to_string()),
-        ("REMOTE_ADDR", ip(peer.ip())),
-        ("REMOTE_PORT", peer.port().to_string()),
-    ];
+    // Formatted once, written twice (IPv4-mapped IPv6 shows as IPv4).
+    let ip = peer.ip().to_canonical().to_string();
+    env.set("PROTO", "TCP");
+    env.set("TCPREMOTEIP", &ip);
+    env.set("TCPREMOTEPORT", peer.port());
+    env.set("REMOTE_ADDR", &ip);
+    env.set("REMOTE_PORT", peer.port());
     if let Some(local) = local {
-        env.push(("TCPLOCALIP", ip(local.ip())));
-        env.push(("TCPLOCALPORT", local.port().to_string()));
+        env.set("TCPLOCALIP", local.ip().to_canonical());
+        env.set("TCPLOCALPORT", local.port());
     }
-    env
-}
-
-/// An address as the child's environment shows it (IPv4-mapped IPv6 as IPv4).
-fn ip_text(a: IpAddr) -> String {
-    a.to_canonical().to_string()
 }
 
 /// The client as a log line shows it (`log_peer`): "203.0.113.7:40112", "203.0.113.0/24",

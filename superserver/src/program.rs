@@ -3,6 +3,11 @@
 //! path and the interpreter too) at load time, and re-opened at each spawn so that the child
 //! executes, through a descriptor, the very file that was checked.
 //!
+//! Looked up again at most once a second ([`RECHECK`]): a service that starts a process per
+//! connection, hundreds a second, opens its program once a second, not per connection; a
+//! program replaced or made non-executable is seen within that second. Meanwhile its
+//! descriptor (one per program and user that ran recently) pins the file that was checked.
+//!
 //! Why a descriptor: a root superserver runs services as `nobody`, and `nobody` may not be
 //! able to reach a program that lives in a private directory (a checkout in `/root`, mode
 //! 0700). Opening the file as the superserver and executing it with `execveat(fd, "",
@@ -20,7 +25,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
 
 /// Who a child runs as, for permission checks and messages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -80,10 +86,14 @@ impl Identity {
     }
 }
 
+/// How long an opened and checked program is used before its path is looked up again.
+pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What the child executes.
+#[derive(Clone)]
 pub enum Exec {
     /// `execveat(fd, "", AT_EMPTY_PATH)`: the file the superserver opened and checked.
-    Fd(OwnedFd),
+    Fd(Arc<OwnedFd>),
     /// `execve(path)`: a `#!` script (its path and interpreter were checked).
     Path,
 }
@@ -120,6 +130,8 @@ pub struct Program {
     who: Identity,
     /// The file as last checked, and whether it is a script.
     checked: Mutex<Option<(FileId, bool)>>,
+    /// The program as last opened, and when: used again until [`RECHECK`] has passed.
+    opened: Mutex<Option<(Exec, Instant)>>,
 }
 
 impl Program {
@@ -132,8 +144,10 @@ impl Program {
             path,
             who,
             checked: Mutex::new(None),
+            opened: Mutex::new(None),
         };
-        program.open()?;
+        // Checked now; opened for the first spawn when it comes.
+        program.open_now()?;
         Ok(program)
     }
 
@@ -145,14 +159,28 @@ impl Program {
         &self.who
     }
 
-    /// Open the program for one spawn. Cheap when the file did not change since the last
-    /// check (one `open(O_PATH)` and one `fstat`); otherwise the file is checked again.
+    /// The program for one spawn: as opened and checked less than [`RECHECK`] ago, or
+    /// opened now (one `open(O_PATH)` and one `fstat`) and checked again if the file changed.
     pub fn open(&self) -> Result<Exec, String> {
+        // Only the event loop spawns: the locks are never contended.
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if let Some((exec, at)) = opened.as_ref()
+            && now.saturating_duration_since(*at) < RECHECK
+        {
+            return Ok(exec.clone());
+        }
+        *opened = None;
+        let exec = self.open_now()?;
+        *opened = Some((exec.clone(), now));
+        Ok(exec)
+    }
+
+    fn open_now(&self) -> Result<Exec, String> {
         let display = Path::new(std::ffi::OsStr::from_bytes(self.path.as_bytes())).display();
         let fd = open(&self.path, libc::O_PATH).map_err(|e| format!("{display}: {e}"))?;
         let st = fstat(&fd).map_err(|e| format!("{display}: {e}"))?;
         let id = FileId::of(&st);
-        // Only the event loop spawns: the lock is never contended.
         let mut checked = self.checked.lock().unwrap_or_else(|e| e.into_inner());
         let script = match *checked {
             Some((last, script)) if last == id => script,
@@ -162,7 +190,11 @@ impl Program {
                 script
             }
         };
-        Ok(if script { Exec::Path } else { Exec::Fd(fd) })
+        Ok(if script {
+            Exec::Path
+        } else {
+            Exec::Fd(Arc::new(fd))
+        })
     }
 
     /// Check the file whose `stat` is `st` (and, for a script, its path and interpreter).
@@ -391,8 +423,13 @@ mod tests {
         let bin = dir.path().join("prog");
         std::fs::copy("/bin/true", &bin).unwrap();
         let p = Program::new(&bin, Identity::current().clone()).unwrap();
+        assert!(matches!(p.open().unwrap(), Exec::Fd(_)));
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // Within RECHECK the descriptor opened and checked before is used again …
+        assert!(matches!(p.open().unwrap(), Exec::Fd(_)));
+        // … after it, the path is looked up and the file checked again.
+        std::thread::sleep(RECHECK + std::time::Duration::from_millis(50));
         let err = p.open().err().unwrap();
         assert!(err.contains("may not execute"), "{err}");
     }

@@ -19,7 +19,7 @@
 //! parent's threads through shared memory).
 
 use std::collections::HashSet;
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -164,6 +164,54 @@ impl CStrings {
     /// A pointer to each string, for argv or envp.
     fn pointers(&self) -> impl Iterator<Item = *const libc::c_char> + '_ {
         self.0
+            .split_inclusive(|&b| b == 0)
+            .map(|s| s.as_ptr().cast())
+    }
+}
+
+/// Variables for one child on top of its service's (`LISTEN_*`, `REMOTE_*`, `TCP*`), built
+/// in one buffer: `NAME=value` strings back to back, each NUL-terminated (a process per
+/// connection should not cost a dozen small allocations).
+#[derive(Default)]
+pub struct Env {
+    buf: Vec<u8>,
+    /// How many variables were set: a value with a NUL byte in it shows as one more string.
+    count: usize,
+}
+
+impl Env {
+    pub fn with_capacity(bytes: usize) -> Env {
+        Env {
+            buf: Vec::with_capacity(bytes),
+            count: 0,
+        }
+    }
+
+    /// `name=value`.
+    pub fn set(&mut self, name: &str, value: impl std::fmt::Display) {
+        use std::io::Write as _;
+        let _ = write!(self.buf, "{name}={value}\0");
+        self.count += 1;
+    }
+
+    /// An error naming the variable whose value holds a NUL byte, if one does.
+    fn check(&self) -> Result<(), String> {
+        if self.buf.iter().filter(|&&b| b == 0).count() == self.count {
+            return Ok(());
+        }
+        let bad = self
+            .buf
+            .split(|&b| b == 0)
+            .find(|s| !s.contains(&b'='))
+            .unwrap_or_default();
+        Err(format!(
+            "an environment value contains a NUL byte (near {:?})",
+            String::from_utf8_lossy(bad)
+        ))
+    }
+
+    fn pointers(&self) -> impl Iterator<Item = *const libc::c_char> + '_ {
+        self.buf
             .split_inclusive(|&b| b == 0)
             .map(|s| s.as_ptr().cast())
     }
@@ -331,7 +379,7 @@ impl Template {
     pub fn spawn(
         &self,
         fds: Fds<'_>,
-        extra_env: &[(&str, &OsStr)],
+        extra_env: &Env,
         listen_pid: bool,
         devnull: RawFd,
     ) -> Result<libc::pid_t, SpawnError> {
@@ -343,24 +391,20 @@ impl Template {
                 list.len()
             )));
         }
+        extra_env.check().map_err(SpawnError)?;
         let exec = self.program.open().map_err(SpawnError)?;
         // Everything the child reads is built here, in the parent.
-        let mut env_strings: Vec<CString> = Vec::with_capacity(extra_env.len());
-        for (k, v) in extra_env {
-            env_strings
-                .push(cstring(&[k.as_bytes(), b"=", v.as_bytes()].concat()).map_err(SpawnError)?);
-        }
         // "LISTEN_PID=" followed by room for 20 digits and a NUL, filled in by the child.
         const PID_PREFIX: &[u8] = b"LISTEN_PID=";
         let mut pid_buf = [0u8; 32];
         pid_buf[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
         // The per-connection variables come first: getenv(3) returns the first match.
         let mut envp: Vec<*const libc::c_char> =
-            Vec::with_capacity(self.base_env.len() + env_strings.len() + 2);
+            Vec::with_capacity(self.base_env.len() + extra_env.count + 2);
         if listen_pid {
             envp.push(pid_buf.as_ptr().cast());
         }
-        envp.extend(env_strings.iter().map(|s| s.as_ptr()));
+        envp.extend(extra_env.pointers());
         envp.extend(self.base_env.pointers());
         envp.push(std::ptr::null());
         let mut argv: Vec<*const libc::c_char> = self.argv.pointers().collect();
@@ -386,6 +430,7 @@ impl Template {
             groups,
             nofile_soft: NOFILE_SOFT.load(Ordering::Relaxed),
             failure: &failure,
+            not_default: not_default(),
         };
         let pid = STACK.with(|stack| {
             let mut stack = stack.borrow_mut();
@@ -455,24 +500,24 @@ impl Template {
         // SAFETY: all calls below are async-signal-safe system calls operating on memory
         // prepared by the parent before clone; see the function's contract.
         unsafe {
-            // Every signal back to its default disposition before unblocking: our handlers
-            // are inherited (the table is copied, not shared), and an ignored signal would
-            // stay ignored through exec (SIGPIPE is ignored by Rust's runtime; whatever our
-            // own launcher ignored, SIGQUIT or SIGUSR1, would be too). The raw system call,
-            // because glibc's wrapper refuses its two internal real-time signals. An all-zero
-            // kernel `sigaction` is SIG_DFL with no flags and an empty mask, whatever the
-            // architecture's field order; the buffer is larger than any architecture's.
+            // Every signal back to its default disposition before unblocking: a handler is
+            // inherited (the table is copied, not shared), and an ignored signal would stay
+            // ignored through exec (SIGPIPE is ignored by Rust's runtime; whatever our own
+            // launcher ignored, SIGQUIT or SIGUSR1, would be too). Only the signals that are
+            // not at their default here need it (see `not_default`), a few system calls
+            // instead of 62. The raw system call, because glibc's wrapper refuses its two
+            // internal real-time signals. An all-zero kernel `sigaction` is SIG_DFL with no
+            // flags and an empty mask, whatever the architecture's field order; the buffer is
+            // larger than any architecture's.
             let dfl = [0u64; 8];
-            for sig in 1..=64 {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::syscall(
-                        libc::SYS_rt_sigaction,
-                        sig,
-                        dfl.as_ptr(),
-                        std::ptr::null_mut::<u64>(),
-                        8usize,
-                    );
-                }
+            for &sig in a.not_default {
+                libc::syscall(
+                    libc::SYS_rt_sigaction,
+                    sig,
+                    dfl.as_ptr(),
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                );
             }
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
@@ -687,6 +732,37 @@ struct ChildArgs<'a> {
     nofile_soft: u64,
     /// Set by the child when a step fails: `step << 32 | errno`.
     failure: &'a AtomicI64,
+    /// The signals to set back to their default disposition (see [`not_default`]).
+    not_default: &'a [libc::c_int],
+}
+
+/// The signals whose disposition in this process is not the default (a handler, or ignored):
+/// the only ones a child has to set back before exec. Read once: nothing in the superserver
+/// changes a disposition after it started (its signals are read from a signalfd, with no
+/// handler; Rust's runtime set its own before `main`).
+fn not_default() -> &'static [libc::c_int] {
+    static SET: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
+    SET.get_or_init(|| {
+        (1..=64)
+            .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
+            .filter(|&sig| {
+                let mut old = [0u64; 8];
+                // SAFETY: rt_sigaction(2) only reads the disposition into a buffer larger
+                // than the kernel's struct; a signal number it refuses reads as default.
+                let r = unsafe {
+                    libc::syscall(
+                        libc::SYS_rt_sigaction,
+                        sig,
+                        std::ptr::null::<u64>(),
+                        old.as_mut_ptr(),
+                        8usize,
+                    )
+                };
+                // Anything but an all-zero entry (SIG_DFL, no flags, empty mask) is reset.
+                r == 0 && old.iter().any(|&w| w != 0)
+            })
+            .collect()
+    })
 }
 
 thread_local! {

@@ -491,14 +491,3 @@ fn exec_with(binary: &Path, sockets: &[RawFd], memfd: &OwnedFd) -> std::io::Erro
     set_cloexec(memfd.as_raw_fd(), true);
     err
 }
-
-/// Unblock every signal: the old image blocked them all across the exec; the new one does this
-/// once its handlers are installed, and what arrived meanwhile is delivered now.
-pub fn unblock_signals() {
-    // SAFETY: sigprocmask(2) with an empty local set.
-    unsafe {
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-    }
-}

@@ -1,7 +1,6 @@
 //! Wait mode: hand the listening sockets to the service on readiness (up to `instances`
 //! processes), watch them again when it exits, back off when it fails.
 
-use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -9,7 +8,7 @@ use superserver_config::{Handoff, Mode};
 
 use crate::children::{self, Child, Exit, Kind};
 use crate::daemon::*;
-use crate::spawn::Fds;
+use crate::spawn::{Env, Fds};
 
 /// How long a queue may wait for the running wait-mode processes before one more starts
 /// (`instances` > 1).
@@ -32,24 +31,24 @@ impl<S: Source> Daemon<S> {
             .filter(|(s, _)| s.bound.is_some())
             .map(|(_, l)| l.name.as_str())
             .collect();
-        let nfds = fds.len().to_string();
         let fdnames = names.join(":");
         let result = match svc.def.handoff {
             // systemd's protocol: fd 3… with LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES.
             Handoff::ListenFds => {
-                let env = [
-                    ("LISTEN_FDS", OsStr::new(&nfds)),
-                    ("LISTEN_FDNAMES", OsStr::new(&fdnames)),
-                ];
+                let mut env = Env::default();
+                env.set("LISTEN_FDS", fds.len());
+                env.set("LISTEN_FDNAMES", &fdnames);
                 svc.template
                     .spawn(Fds::Listeners(&fds), &env, true, self.devnull.as_raw_fd())
             }
             // inetd's protocol: the one listening socket on stdin and stdout.
             Handoff::Stdin => match fds.first() {
-                Some(&fd) => {
-                    svc.template
-                        .spawn(Fds::StdinListener(fd), &[], false, self.devnull.as_raw_fd())
-                }
+                Some(&fd) => svc.template.spawn(
+                    Fds::StdinListener(fd),
+                    &Env::default(),
+                    false,
+                    self.devnull.as_raw_fd(),
+                ),
                 None => return,
             },
         };
@@ -59,7 +58,10 @@ impl<S: Source> Daemon<S> {
                 let counters = &mut self.services[i].counters;
                 counters.activations += 1;
                 counters.spawned += 1;
-                log::info!("{name}: started pid {pid} with {nfds} socket(s) ({fdnames})");
+                log::info!(
+                    "{name}: started pid {pid} with {} socket(s) ({fdnames})",
+                    fds.len()
+                );
                 self.children.insert(
                     pid,
                     Child {
