@@ -45,13 +45,13 @@ impl<S: Source> Daemon<S> {
         if let Some((_, l)) = slots.find(|(s, _)| s.bound.is_none()) {
             return format!("down#cannot bind {}\n", l.addr);
         }
-        if svc.backoff_until.is_some() {
-            return format!("down#backing off after {} failure(s)\n", svc.failures);
+        if svc.lim().backoff_until.is_some() {
+            return format!("down#backing off after {} failure(s)\n", svc.lim().failures);
         }
-        if svc.rate_until.is_some() {
+        if svc.lim().rate_until.is_some() {
             return "down#rate limited\n".into();
         }
-        if svc.pause_until.is_some() {
+        if svc.lim().pause_until.is_some() {
             return "down#out of descriptors\n".into();
         }
         match svc.def.mode {

@@ -23,7 +23,7 @@ use superserver_config::{Config, ConfigErrors, Global, Listen, ListenAddr, Mode,
 
 use crate::children::{self, Children, Exit, Kind};
 use crate::control::{AGENT, CONTROL, Control, METRICS};
-use crate::limits::{self, TokenBucket};
+use crate::limits::TokenBucket;
 use crate::proxy::Headers;
 use crate::sockets::{self, Pool};
 use crate::spawn::Template;
@@ -267,19 +267,12 @@ impl<S: Source> Daemon<S> {
             slots,
             armed: false,
             wait_children: Vec::new(),
-            failures: 0,
-            backoff_until: None,
             running: 0,
             waiting: 0,
             drained: false,
-            sources: None,
             bucket,
-            rate_until: None,
-            rate_episode: None,
-            refusals: limits::LogLimiter::default(),
-            pause_until: None,
             holding: false,
-            bind_retry: None,
+            limited: None,
             counters: self.retired.remove(&name).unwrap_or_default(),
             last_exit: None,
         }
@@ -419,15 +412,15 @@ impl<S: Source> Daemon<S> {
 
     pub(crate) fn service_timer(&mut self, i: usize, now: Instant) {
         let svc = &mut self.services[i];
-        if svc.backoff_until.is_some_and(|t| t <= now) {
-            svc.backoff_until = None;
+        if svc.lim().backoff_until.is_some_and(|t| t <= now) {
+            svc.lim_mut().backoff_until = None;
             log::info!(
                 "{}: back-off over, watching its sockets again",
                 svc.def.name
             );
         }
-        if svc.rate_until.is_some_and(|t| t <= now) {
-            svc.rate_until = None;
+        if svc.lim().rate_until.is_some_and(|t| t <= now) {
+            svc.lim_mut().rate_until = None;
             // The episode ends once a whole period passes without a suspension.
             if let Some(per) = svc.def.extra().rate.map(|r| r.per) {
                 let id = svc.id;
@@ -435,9 +428,11 @@ impl<S: Source> Daemon<S> {
             }
         }
         let svc = &mut self.services[i];
-        if let (Some(ep), None, Some(rate)) =
-            (&svc.rate_episode, svc.rate_until, svc.def.extra().rate)
-            && now.saturating_duration_since(ep.1) >= rate.per
+        if let (Some(ep), None, Some(rate)) = (
+            &svc.lim().rate_episode,
+            svc.lim().rate_until,
+            svc.def.extra().rate,
+        ) && now.saturating_duration_since(ep.1) >= rate.per
         {
             log::info!(
                 "{}: rate limit no longer reached; it held new clients back {} time(s) over {}",
@@ -445,12 +440,12 @@ impl<S: Source> Daemon<S> {
                 ep.2,
                 children::human(ep.1 - ep.0)
             );
-            svc.rate_episode = None;
+            svc.lim_mut().rate_episode = None;
         }
-        if svc.pause_until.is_some_and(|t| t <= now) {
-            svc.pause_until = None;
+        if svc.lim().pause_until.is_some_and(|t| t <= now) {
+            svc.lim_mut().pause_until = None;
         }
-        if svc.bind_retry.as_deref().is_some_and(|&(t, _)| t <= now) {
+        if svc.lim().bind_retry.is_some_and(|(t, _)| t <= now) {
             self.retry_binds(i);
         }
         self.rearm(i);
@@ -488,8 +483,8 @@ impl<S: Source> Daemon<S> {
         if !ok {
             svc.counters.rate_limited += 1;
             let at = bucket.next_token_at(now);
-            svc.rate_until = Some(at);
-            match svc.rate_episode.as_deref_mut() {
+            svc.lim_mut().rate_until = Some(at);
+            match svc.lim_mut().rate_episode.as_mut() {
                 Some(ep) => {
                     ep.1 = now;
                     ep.2 += 1;
@@ -502,7 +497,7 @@ impl<S: Source> Daemon<S> {
                         svc.def.extra().rate.map(|r| r.count).unwrap_or(0),
                         children::human(svc.def.extra().rate.map(|r| r.per).unwrap_or_default()),
                     );
-                    svc.rate_episode = Some(Box::new((now, now, 1)));
+                    svc.lim_mut().rate_episode = Some((now, now, 1));
                 }
             }
             let id = svc.id;

@@ -175,6 +175,12 @@ pub struct LogLimiter {
 }
 
 impl LogLimiter {
+    /// Nothing logged yet.
+    pub const NEW: LogLimiter = LogLimiter {
+        last: None,
+        suppressed: 0,
+    };
+
     /// `Some(n)` when this event is to be logged (`n` like events were not since the last
     /// line); `None` when it is only counted.
     pub fn allow(&mut self, now: Instant) -> Option<u32> {

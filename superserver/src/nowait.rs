@@ -56,7 +56,7 @@ impl<S: Source> Daemon<S> {
                     // EMFILE, ENFILE, ENOBUFS, ENOMEM: pause instead of spinning.
                     log::error!("{}: accept failed: {e}; pausing", svc.def.name);
                     let at = Instant::now() + ACCEPT_PAUSE;
-                    svc.pause_until = Some(at);
+                    svc.lim_mut().pause_until = Some(at);
                     let id = svc.id;
                     self.add_timer(at, Timer::Service(id));
                     self.rearm(i);
@@ -134,7 +134,7 @@ impl<S: Source> Daemon<S> {
         let refusal = refusal.or_else(|| match (svc.def.extra().per_source, peer) {
             (Some(limit), Some(p)) => {
                 let key = limits::source_key(p.ip(), &limit);
-                let sources = svc.sources.get_or_insert_with(Default::default);
+                let sources = svc.lim_mut().sources.get_or_insert_with(Default::default);
                 if sources.try_add(key, limit.max) {
                     source = Some(key);
                     None
@@ -146,7 +146,7 @@ impl<S: Source> Daemon<S> {
             _ => None,
         });
         if let Some(why) = refusal {
-            if let Some(more) = svc.refusals.allow(Instant::now()) {
+            if let Some(more) = svc.lim_mut().refusals.allow(Instant::now()) {
                 let more = if more > 0 {
                     format!(" (and {more} more refused since the last such line)")
                 } else {
@@ -216,7 +216,9 @@ impl<S: Source> Daemon<S> {
                     svc.template.what()
                 );
                 if let Some(key) = source {
-                    if let Some(sources) = svc.sources.as_mut() {
+                    if let Some(sources) =
+                        svc.limited.as_deref_mut().and_then(|l| l.sources.as_mut())
+                    {
                         sources.remove(&key);
                     }
                 }
@@ -265,7 +267,7 @@ impl<S: Source> Daemon<S> {
         let svc = &mut self.services[i];
         svc.running = svc.running.saturating_sub(1);
         if let Some(key) = source {
-            if let Some(sources) = svc.sources.as_mut() {
+            if let Some(sources) = svc.limited.as_deref_mut().and_then(|l| l.sources.as_mut()) {
                 sources.remove(key);
             }
         }

@@ -310,7 +310,7 @@ impl<S: Source> Daemon<S> {
     fn proxy_refused(&mut self, i: usize, balancer: &SocketAddr, why: &str) {
         let svc = &mut self.services[i];
         svc.counters.refused_proxy += 1;
-        if let Some(more) = svc.refusals.allow(Instant::now()) {
+        if let Some(more) = svc.lim_mut().refusals.allow(Instant::now()) {
             let more = if more > 0 {
                 format!(" (and {more} more refused since the last such line)")
             } else {

@@ -304,7 +304,9 @@ impl<S: Source> Daemon<S> {
                     .extra()
                     .rate
                     .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
-                svc.rate_until = None;
+                if let Some(l) = svc.limited.as_deref_mut() {
+                    l.rate_until = None;
+                }
             }
             if svc.def.mode != def.mode || svc.def.extra().per_source != def.extra().per_source {
                 svc.holding = false;
@@ -509,15 +511,17 @@ impl<S: Source> Daemon<S> {
             };
         }
         if failed {
-            let delay = match svc.bind_retry.as_deref() {
-                Some(&(_, d)) => (d * 2).min(global.restart_backoff_max),
+            let delay = match svc.lim().bind_retry {
+                Some((_, d)) => (d * 2).min(global.restart_backoff_max),
                 None => global.restart_backoff_min.max(Duration::from_millis(500)),
             };
             let at = Instant::now() + delay;
-            svc.bind_retry = Some(Box::new((at, delay)));
+            svc.lim_mut().bind_retry = Some((at, delay));
             timers.push(std::cmp::Reverse((at, Timer::Service(svc.id))));
         } else {
-            svc.bind_retry = None;
+            if let Some(l) = svc.limited.as_deref_mut() {
+                l.bind_retry = None;
+            }
         }
     }
 

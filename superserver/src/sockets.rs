@@ -23,7 +23,8 @@ pub struct Bound {
     /// and must remove when it closes the socket: only that file is ever removed. `None` for
     /// IP sockets and for inherited Unix sockets (whose file belongs to the launcher).
     owned: Option<(u64, u64)>,
-    /// The blocking mode this process last set (`None`: never set).
+    /// The blocking mode as this process knows it: what it last set, or blocking for a socket
+    /// it created (`None`: inherited and never set).
     nonblocking: Option<bool>,
 }
 
@@ -73,7 +74,12 @@ impl Bound {
     /// (its next `accept` on an empty queue would hang), so the mode is set once per use.
     pub fn set_nonblocking(&mut self, on: bool) -> io::Result<()> {
         if self.nonblocking != Some(on) {
-            self.socket.set_nonblocking(on)?;
+            let mut flag = libc::c_int::from(on);
+            // SAFETY: ioctl(2) FIONBIO on our open socket with a pointer to an int: one system
+            // call (setting O_NONBLOCK through fcntl takes two).
+            if unsafe { libc::ioctl(self.fd(), libc::FIONBIO, &mut flag) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
             self.nonblocking = Some(on);
         }
         Ok(())
@@ -152,7 +158,8 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
                 addr: addr.clone(),
                 socket,
                 owned: Some(id),
-                nonblocking: None,
+                // Created here, blocking: nothing else has it yet.
+                nonblocking: Some(false),
             };
             bound.socket.listen(backlog).map_err(fail)?;
             Ok(bound)
@@ -197,7 +204,8 @@ fn bind_with(addr: &ListenAddr, backlog: u32, share: bool) -> Result<Bound, Bind
         addr: addr.clone(),
         socket,
         owned: None,
-        nonblocking: None,
+        // Created here, blocking: nothing else has it yet.
+        nonblocking: Some(false),
     })
 }
 
@@ -211,6 +219,17 @@ fn bind_with(addr: &ListenAddr, backlog: u32, share: bool) -> Result<Bound, Bind
 /// and renamed into place. A rename replaces the directory entry and follows nothing.
 /// Returns the socket and the device and inode of its file.
 fn bind_unix(path: &Path, opts: &UnixSocketOptions) -> io::Result<(Socket, (u64, u64))> {
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    let plain = opts.mode.is_none() && opts.uid.is_none() && opts.gid.is_none();
+    if plain {
+        // The common case first, in one system call: nothing at the path. Anything there (a
+        // stale socket, a live one, a file, a symlink) makes the bind fail, and is looked at.
+        match socket.bind(&SockAddr::unix(path)?) {
+            Ok(()) => return Ok((socket, file_id(path)?)),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => {}
+            Err(e) => return Err(e),
+        }
+    }
     let stale = match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if someone_listens(path) {
@@ -230,8 +249,7 @@ fn bind_unix(path: &Path, opts: &UnixSocketOptions) -> io::Result<(Socket, (u64,
         }
         Err(_) => false,
     };
-    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
-    if opts.mode.is_none() && opts.uid.is_none() && opts.gid.is_none() {
+    if plain {
         // Nothing to apply after the bind: bind in place, replacing a stale socket (a file
         // that appeared since the check makes the bind fail: nothing is removed unseen).
         if stale {

@@ -27,9 +27,6 @@ pub(crate) struct Svc {
     pub(crate) armed: bool,
     /// Wait mode: the processes holding the sockets (at most `instances`).
     pub(crate) wait_children: Vec<i32>,
-    /// Consecutive failed activations (wait mode), for the back-off.
-    pub(crate) failures: u32,
-    pub(crate) backoff_until: Option<Instant>,
     /// Nowait: running connection processes.
     pub(crate) running: u32,
     /// Nowait with the PROXY protocol: connections whose header has not all arrived (they
@@ -37,32 +34,66 @@ pub(crate) struct Svc {
     pub(crate) waiting: u32,
     /// An operator drained it (`superserver drain`): the agent answers `drain`.
     pub(crate) drained: bool,
-    /// Only with `max_per_source` (boxed: most services have no limit and should not pay).
-    pub(crate) sources: Option<Box<SourceCounts>>,
     pub(crate) bucket: Option<Box<TokenBucket>>,
-    pub(crate) rate_until: Option<Instant>,
-    /// A stretch of time during which the rate limit kept suspending the service: when it
-    /// began, the last suspension, and how many there were (logged once at each end).
-    pub(crate) rate_episode: Option<Box<(Instant, Instant, u32)>>,
-    /// Per-connection refusals (allow/deny, max_per_source, overflow = "close"), logged at
-    /// most once a second with a count of the ones not logged.
-    pub(crate) refusals: limits::LogLimiter,
-    pub(crate) pause_until: Option<Instant>,
     pub(crate) holding: bool,
-    /// Sockets that could not be bound at reload, retried with back-off (boxed: rare).
-    pub(crate) bind_retry: Option<Box<(Instant, Duration)>>,
+    /// Back-off, rate suspension, paused accepts, refusals, bind retries, per-source counts:
+    /// allocated the first time the service needs any (read with [`Svc::lim`]).
+    pub(crate) limited: Option<Box<Limited>>,
     /// What happened to it since the superserver started (kept across reloads).
     pub(crate) counters: Tally,
     /// How its last process ended.
     pub(crate) last_exit: Option<Box<LastExit>>,
 }
 
+/// What a service that met a limit or failed keeps: most services never do, and a table of
+/// ten thousand should not carry a hundred bytes each for it.
+#[derive(Debug, Default)]
+pub(crate) struct Limited {
+    /// Consecutive failed activations (wait mode), for the back-off.
+    pub(crate) failures: u32,
+    pub(crate) backoff_until: Option<Instant>,
+    pub(crate) rate_until: Option<Instant>,
+    /// A stretch of time during which the rate limit kept suspending the service: when it
+    /// began, the last suspension, and how many there were (logged once at each end).
+    pub(crate) rate_episode: Option<(Instant, Instant, u32)>,
+    /// Per-connection refusals (allow/deny, max_per_source, overflow = "close"), logged at
+    /// most once a second with a count of the ones not logged.
+    pub(crate) refusals: limits::LogLimiter,
+    /// `accept` failed (out of descriptors): not watched before then.
+    pub(crate) pause_until: Option<Instant>,
+    /// Sockets that could not be bound at reload, retried with back-off.
+    pub(crate) bind_retry: Option<(Instant, Duration)>,
+    /// Only with `max_per_source`.
+    pub(crate) sources: Option<SourceCounts>,
+}
+
+static CALM: Limited = Limited {
+    failures: 0,
+    backoff_until: None,
+    rate_until: None,
+    rate_episode: None,
+    refusals: limits::LogLimiter::NEW,
+    pause_until: None,
+    bind_retry: None,
+    sources: None,
+};
+
 impl Svc {
+    /// Its limits and troubles (all clear when it never had any).
+    pub(crate) fn lim(&self) -> &Limited {
+        self.limited.as_deref().unwrap_or(&CALM)
+    }
+
+    /// The same, to change (allocated on first use).
+    pub(crate) fn lim_mut(&mut self) -> &mut Limited {
+        self.limited.get_or_insert_with(Default::default)
+    }
+
     pub(crate) fn wants_armed(&self, shutting_down: bool) -> bool {
         if shutting_down
-            || self.rate_until.is_some()
-            || self.pause_until.is_some()
-            || self.backoff_until.is_some()
+            || self.lim().rate_until.is_some()
+            || self.lim().pause_until.is_some()
+            || self.lim().backoff_until.is_some()
         {
             return false;
         }
@@ -196,16 +227,16 @@ impl Svc {
         if stopping {
             return State::Stopping;
         }
-        if let Some(until) = self.backoff_until {
+        if let Some(until) = self.lim().backoff_until {
             return State::BackingOff {
                 until,
-                failures: self.failures,
+                failures: self.lim().failures,
             };
         }
-        if let Some(until) = self.rate_until {
+        if let Some(until) = self.lim().rate_until {
             return State::RateSuspended { until };
         }
-        if let Some(until) = self.pause_until {
+        if let Some(until) = self.lim().pause_until {
             return State::Paused { until };
         }
         if self.def.mode == Mode::Nowait

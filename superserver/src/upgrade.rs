@@ -165,15 +165,15 @@ impl<S: Source> Daemon<S> {
             services.push(SavedService {
                 name: svc.def.name.clone(),
                 counters: (*svc.counters).clone(),
-                failures: svc.failures,
+                failures: svc.lim().failures,
                 wait_children: svc.wait_children.clone(),
                 last_exit: svc
                     .last_exit
                     .as_ref()
                     .map(|e| (e.pid, e.status, unix_ms(e.at), e.ran.as_millis() as u64)),
                 tokens,
-                backoff_ms: left(svc.backoff_until),
-                rate_ms: left(svc.rate_until),
+                backoff_ms: left(svc.lim().backoff_until),
+                rate_ms: left(svc.lim().rate_until),
                 drained: svc.drained,
             });
         }
@@ -249,20 +249,22 @@ impl<S: Source> Daemon<S> {
             let id = svc.id;
             if let Some(ms) = s.backoff_ms {
                 let at = now + Duration::from_millis(ms);
-                svc.backoff_until = Some(at);
+                svc.lim_mut().backoff_until = Some(at);
                 self.timers
                     .push(std::cmp::Reverse((at, crate::daemon::Timer::Service(id))));
             }
             let svc = &mut self.services[i];
             if let Some(ms) = s.rate_ms {
                 let at = now + Duration::from_millis(ms);
-                svc.rate_until = Some(at);
+                svc.lim_mut().rate_until = Some(at);
                 self.timers
                     .push(std::cmp::Reverse((at, crate::daemon::Timer::Service(id))));
             }
             let svc = &mut self.services[i];
             *svc.counters = s.counters;
-            svc.failures = s.failures;
+            if s.failures > 0 {
+                svc.lim_mut().failures = s.failures;
+            }
             svc.drained = s.drained;
             svc.wait_children = s.wait_children;
             svc.last_exit = s.last_exit.map(|(pid, status, at, ran)| {
@@ -286,7 +288,7 @@ impl<S: Source> Daemon<S> {
                     let svc = &mut self.services[i];
                     svc.running += 1;
                     if let (Some(key), Some(limit)) = (source, svc.def.extra().per_source) {
-                        let sources = svc.sources.get_or_insert_with(Default::default);
+                        let sources = svc.lim_mut().sources.get_or_insert_with(Default::default);
                         sources.try_add(key, limit.max.max(u32::MAX / 2));
                     }
                 }

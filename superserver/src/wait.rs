@@ -118,15 +118,15 @@ impl<S: Source> Daemon<S> {
             self.global.restart_backoff_max,
         );
         let svc = &mut self.services[i];
-        svc.failures += 1;
-        let factor = 1u32 << (svc.failures - 1).min(20);
+        svc.lim_mut().failures += 1;
+        let factor = 1u32 << (svc.lim().failures - 1).min(20);
         let delay = min.saturating_mul(factor).min(max);
         let at = Instant::now() + delay;
-        svc.backoff_until = Some(at);
+        svc.lim_mut().backoff_until = Some(at);
         let line = format!(
             "back-off: next start in {} ({} failure(s) in a row)",
             children::human(delay),
-            svc.failures
+            svc.lim().failures
         );
         let id = svc.id;
         self.add_timer(at, Timer::Service(id));
@@ -184,7 +184,7 @@ impl<S: Source> Daemon<S> {
             let backoff = self.failed_activation(i);
             log::warn!("{head}; {why}; {backoff}");
         } else {
-            let recovered = if svc.failures > 0 {
+            let recovered = if svc.lim().failures > 0 {
                 "; recovered, back-off reset"
             } else {
                 ""
@@ -197,7 +197,9 @@ impl<S: Source> Daemon<S> {
                     "watching its sockets again"
                 }
             );
-            svc.failures = 0;
+            if let Some(l) = svc.limited.as_deref_mut() {
+                l.failures = 0;
+            }
             self.rearm(i);
         }
     }
