@@ -42,6 +42,10 @@ pub const DEFAULT_PASS_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ", "RUST_LO
 /// fd 3, 4, … in one `LISTEN_FDS`, and more could not be handed over.
 pub const MAX_WAIT_SOCKETS: usize = 256;
 
+/// The most sockets any one service may have (nowait included): more is surely a mistake, and
+/// the superserver numbers a service's sockets in 16 bits.
+pub const MAX_SOCKETS: usize = 4096;
+
 /// The longest `shutdown_grace` (one hour). Longer values are refused: they would overflow the
 /// deadline computed from them.
 pub const MAX_SHUTDOWN_GRACE: Duration = Duration::from_secs(3600);
@@ -1410,7 +1414,17 @@ impl Validator<'_> {
                 "no socket to listen on: give at least one address",
             );
         }
-        if mode == Some(Mode::Wait) && items.len() > MAX_WAIT_SOCKETS {
+        if items.len() > MAX_SOCKETS {
+            self.error(
+                outer.clone(),
+                &key,
+                format!(
+                    "{} sockets; a service may have at most {MAX_SOCKETS}: split it into \
+                     several services",
+                    items.len()
+                ),
+            );
+        } else if mode == Some(Mode::Wait) && items.len() > MAX_WAIT_SOCKETS {
             self.error(
                 outer.clone(),
                 &key,

@@ -72,3 +72,27 @@ fn ten_thousand_services_validate_in_linear_time() {
         assert!(took < BOUND, "validating {n} services took {took:?}");
     }
 }
+
+#[test]
+fn a_service_with_more_than_4096_sockets_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let addrs: Vec<String> = (0..4097)
+        .map(|i| format!("\"unix:{}/s{i}.sock\"", dir.path().display()))
+        .collect();
+    let text = format!(
+        "[service.many]\nmode = \"nowait\"\nexec = [\"/bin/cat\"]\nlisten = [{}]\n",
+        addrs.join(", ")
+    );
+    let opts = LoadOptions::default();
+    let err = parse_str(&text, Path::new("many.toml"), &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("many.toml:4:") && err.contains("service.many.listen"),
+        "{err}"
+    );
+    assert!(
+        err.contains("4097 sockets; a service may have at most 4096"),
+        "{err}"
+    );
+}

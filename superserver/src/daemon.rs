@@ -78,8 +78,10 @@ pub struct Daemon<S: Source> {
     pub(crate) source: S,
     pub(crate) global: Global,
     pub(crate) services: Vec<Svc>,
-    pub(crate) tokens: HashMap<Token, (u64, usize)>,
-    pub(crate) next_token: usize,
+    /// Where each service is in `services`, by id (see [`Daemon::find`]).
+    pub(crate) index: HashMap<u64, usize>,
+    /// The generation of the next sockets a reload gives a service (see `slot_token`).
+    pub(crate) next_generation: u8,
     pub(crate) next_id: u64,
     pub(crate) children: Children,
     pub(crate) timers: BinaryHeap<Reverse<(Instant, Timer)>>,
@@ -147,12 +149,6 @@ impl<S: Source> Daemon<S> {
                 .flat_map(|s| s.listen.iter().cloned())
                 .collect(),
         };
-        let n_sockets: usize = config
-            .services
-            .iter()
-            .filter(|s| s.enabled)
-            .map(|s| s.listen.len())
-            .sum();
         pool.adopt(inherited, &wanted).map_err(StartError)?;
         // The sockets an upgraded image kept open, by what the old image knew of them. One the
         // configuration no longer has is closed (and its file removed), not an error.
@@ -178,8 +174,8 @@ impl<S: Source> Daemon<S> {
             global: config.global.clone(),
             // Sized once: growing by doubling would leave the smaller copies behind as holes.
             services: Vec::with_capacity(config.services.len()),
-            tokens: HashMap::with_capacity(n_sockets),
-            next_token: 1,
+            index: HashMap::new(),
+            next_generation: 1,
             next_id: 1,
             children: Children::default(),
             timers: BinaryHeap::new(),
@@ -230,6 +226,7 @@ impl<S: Source> Daemon<S> {
                 list.join("; ")
             )));
         }
+        daemon.reindex();
         for i in 0..daemon.services.len() {
             daemon.rearm(i);
         }
@@ -245,18 +242,18 @@ impl<S: Source> Daemon<S> {
         let id = self.next_id;
         self.next_id += 1;
         let name = def.name.clone();
-        let bucket = def
-            .extra()
-            .rate
-            .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
+        let limited = def.extra().rate.map(|r| {
+            Box::new(crate::state::Limited {
+                bucket: Some(TokenBucket::new(r, Instant::now())),
+                ..Default::default()
+            })
+        });
         let slots = def
             .listen
             .iter()
             .enumerate()
             .map(|(i, _)| {
-                let token = Token(self.next_token);
-                self.next_token += 1;
-                self.tokens.insert(token, (id, i));
+                let token = crate::state::slot_token(id, 0, i);
                 Slot { bound: None, token }
             })
             .collect();
@@ -270,9 +267,8 @@ impl<S: Source> Daemon<S> {
             running: 0,
             waiting: 0,
             drained: false,
-            bucket,
             holding: false,
-            limited: None,
+            limited,
             counters: self.retired.remove(&name).unwrap_or_default(),
             last_exit: None,
         }
@@ -351,8 +347,23 @@ impl<S: Source> Daemon<S> {
         }
     }
 
+    /// Where service `id` is in `services`: by the index (kept by [`Daemon::reindex`]),
+    /// checked, with a search as the fallback should the index ever be stale.
     pub(crate) fn find(&self, id: u64) -> Option<usize> {
-        self.services.iter().position(|s| s.id == id)
+        match self.index.get(&id) {
+            Some(&i) if self.services.get(i).is_some_and(|s| s.id == id) => Some(i),
+            _ => self.services.iter().position(|s| s.id == id),
+        }
+    }
+
+    /// Rebuild the index after `services` changed (start-up, reload).
+    pub(crate) fn reindex(&mut self) {
+        self.index = self
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id, i))
+            .collect();
     }
 
     // ---------------------------------------------------------------- arming
@@ -455,10 +466,15 @@ impl<S: Source> Daemon<S> {
     // ---------------------------------------------------------------- readiness
 
     pub(crate) fn on_readable(&mut self, token: Token) {
-        let Some(&(id, slot)) = self.tokens.get(&token) else {
-            return;
-        };
+        let (id, slot) = crate::state::token_slot(token);
         let Some(i) = self.find(id) else { return };
+        if self.services[i]
+            .slots
+            .get(slot)
+            .is_none_or(|s| s.token != token)
+        {
+            return; // a socket a reload replaced
+        }
         if !self.services[i].armed {
             return;
         }
@@ -472,7 +488,7 @@ impl<S: Source> Daemon<S> {
     pub(crate) fn rate_allows(&mut self, i: usize, take: bool) -> bool {
         let now = Instant::now();
         let svc = &mut self.services[i];
-        let Some(bucket) = svc.bucket.as_mut() else {
+        let Some(bucket) = svc.limited.as_deref_mut().and_then(|l| l.bucket.as_mut()) else {
             return true;
         };
         let ok = if take {

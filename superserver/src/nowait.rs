@@ -156,7 +156,7 @@ impl<S: Source> Daemon<S> {
             }
             return;
         }
-        if let Some(bucket) = svc.bucket.as_mut() {
+        if let Some(bucket) = svc.limited.as_deref_mut().and_then(|l| l.bucket.as_mut()) {
             bucket.try_take(Instant::now());
         }
         let local = match (via, svc.def.listen.get(slot)) {
@@ -179,10 +179,13 @@ impl<S: Source> Daemon<S> {
             }
         };
         let listen_pid = svc.def.connection == ConnectionPassing::ListenFds;
-        match svc
-            .template
-            .spawn(fds, &env, listen_pid, self.devnull.as_raw_fd())
-        {
+        match svc.template.spawn(
+            &svc.def.argv,
+            fds,
+            &env,
+            listen_pid,
+            self.devnull.as_raw_fd(),
+        ) {
             Ok(pid) => {
                 svc.counters.spawned += 1;
                 svc.running += 1;

@@ -268,6 +268,7 @@ impl<S: Source> Daemon<S> {
                 };
                 self.services.push(svc);
             }
+            self.reindex();
         }
 
         for (i, &k) in enabled.iter().enumerate() {
@@ -277,8 +278,7 @@ impl<S: Source> Daemon<S> {
             let Daemon {
                 services,
                 poll,
-                tokens,
-                next_token,
+                next_generation,
                 ..
             } = self;
             let svc = &mut services[i];
@@ -300,11 +300,13 @@ impl<S: Source> Daemon<S> {
                 || svc.def.extra().unix_socket != def.extra().unix_socket
                 || svc.def.mode != def.mode;
             if svc.def.extra().rate != def.extra().rate {
-                svc.bucket = def
+                let bucket = def
                     .extra()
                     .rate
-                    .map(|r| Box::new(TokenBucket::new(r, Instant::now())));
-                if let Some(l) = svc.limited.as_deref_mut() {
+                    .map(|r| TokenBucket::new(r, Instant::now()));
+                if bucket.is_some() || svc.limited.is_some() {
+                    let l = svc.lim_mut();
+                    l.bucket = bucket;
                     l.rate_until = None;
                 }
             }
@@ -314,7 +316,6 @@ impl<S: Source> Daemon<S> {
             if sockets_changed {
                 deregister(poll.registry(), svc);
                 for slot in std::mem::take(&mut svc.slots) {
-                    tokens.remove(&slot.token);
                     if let Some(b) = slot.bound {
                         pool.put(b);
                     }
@@ -332,12 +333,12 @@ impl<S: Source> Daemon<S> {
                     signal_group(pid, libc::SIGTERM);
                 }
                 std::mem::swap(&mut svc.def, def);
+                let generation = *next_generation;
+                *next_generation = generation.wrapping_add(1);
                 svc.slots = (0..svc.def.listen.len())
-                    .map(|j| {
-                        let token = Token(*next_token);
-                        *next_token += 1;
-                        tokens.insert(token, (svc.id, j));
-                        Slot { bound: None, token }
+                    .map(|j| Slot {
+                        bound: None,
+                        token: crate::state::slot_token(svc.id, generation, j),
                     })
                     .collect();
                 needs.push(i);
@@ -364,7 +365,6 @@ impl<S: Source> Daemon<S> {
             }
             self.retired.insert(svc.def.name.clone(), svc.counters);
             for slot in svc.slots {
-                self.tokens.remove(&slot.token);
                 if let Some(b) = slot.bound {
                     pool.put(b);
                 }

@@ -22,7 +22,8 @@ pub struct Bound {
     /// The device and inode of the Unix socket file (at `addr`'s path) this process created
     /// and must remove when it closes the socket: only that file is ever removed. `None` for
     /// IP sockets and for inherited Unix sockets (whose file belongs to the launcher).
-    owned: Option<(u64, u64)>,
+    /// (An inode number is never 0: the niche keeps this at 16 bytes.)
+    owned: Option<(u64, std::num::NonZeroU64)>,
     /// The blocking mode as this process knows it: what it last set, or blocking for a socket
     /// it created (`None`: inherited and never set).
     nonblocking: Option<bool>,
@@ -37,7 +38,7 @@ impl Bound {
     /// The Unix socket file this process created (path, device and inode), if any.
     pub fn owned(&self) -> Option<(&Path, (u64, u64))> {
         match (&self.addr, self.owned) {
-            (ListenAddr::Unix(path), Some(id)) => Some((path, id)),
+            (ListenAddr::Unix(path), Some((dev, ino))) => Some((path, (dev, ino.get()))),
             _ => None,
         }
     }
@@ -56,7 +57,9 @@ impl Bound {
         nonblocking: Option<bool>,
     ) -> Bound {
         Bound {
-            owned: owned.filter(|_| matches!(addr, ListenAddr::Unix(_))),
+            owned: owned
+                .filter(|_| matches!(addr, ListenAddr::Unix(_)))
+                .and_then(file_key),
             addr,
             socket: Socket::from(fd),
             nonblocking,
@@ -113,6 +116,11 @@ fn from_store_name(name: &str) -> Option<ListenAddr> {
     superserver_config::parse_listen_addr(&text).ok()
 }
 
+/// A device and inode as [`Bound`] keeps them (`None` for inode 0, which no file has).
+fn file_key((dev, ino): (u64, u64)) -> Option<(u64, std::num::NonZeroU64)> {
+    std::num::NonZeroU64::new(ino).map(|ino| (dev, ino))
+}
+
 /// Device and inode of `path` itself (never following a symlink), for a socket file.
 fn file_id(path: &Path) -> io::Result<(u64, u64)> {
     let m = std::fs::symlink_metadata(path)?;
@@ -157,7 +165,7 @@ pub fn bind(addr: &ListenAddr, backlog: u32, unix: &UnixSocketOptions) -> Result
             let bound = Bound {
                 addr: addr.clone(),
                 socket,
-                owned: Some(id),
+                owned: file_key(id),
                 // Created here, blocking: nothing else has it yet.
                 nonblocking: Some(false),
             };

@@ -125,12 +125,8 @@ pub fn raise_nofile_limit() {
 /// be done earlier).
 pub struct Template {
     program: Arc<Program>,
-    argv: CStrings,
     base_env: CStrings,
-    /// `Some` only when the child's credentials differ from the superserver's own: a
-    /// superserver that runs a service as itself changes nothing (and needs no privilege).
-    creds: Option<Box<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>>,
-    /// `None` when the service sets no limit, umask or working directory (most do not).
+    /// `None` when the service sets no user, limit, umask or working directory (most do not).
     setup: Option<Box<Setup>>,
     /// `PR_SET_NO_NEW_PRIVS` before exec.
     no_new_privs: bool,
@@ -139,14 +135,17 @@ pub struct Template {
 /// What a child sets up when its service asks for it.
 #[derive(Default, PartialEq)]
 struct Setup {
+    /// `Some` only when the child's credentials differ from the superserver's own: a
+    /// superserver that runs a service as itself changes nothing (and needs no privilege).
+    creds: Option<(libc::uid_t, libc::gid_t, Vec<libc::gid_t>)>,
     limits: Limits,
     umask: Option<libc::mode_t>,
     /// `None` means `/`.
     cwd: Option<CString>,
 }
 
-/// A list of C strings in one allocation, each NUL-terminated, back to back: an argv or an
-/// environment, shared between the services that have the same one.
+/// A list of C strings in one allocation, each NUL-terminated, back to back: an environment,
+/// shared between the services that have the same one.
 #[derive(Clone, PartialEq, Eq, Hash)]
 struct CStrings(Arc<[u8]>);
 
@@ -161,7 +160,7 @@ impl CStrings {
         self.0.iter().filter(|&&b| b == 0).count()
     }
 
-    /// A pointer to each string, for argv or envp.
+    /// A pointer to each string, for envp.
     fn pointers(&self) -> impl Iterator<Item = *const libc::c_char> + '_ {
         self.0
             .split_inclusive(|&b| b == 0)
@@ -301,7 +300,8 @@ impl Template {
             ));
         }
         let program = interned.program(&svc.program, &who)?;
-        let argv = interned.intern(cstrings(svc.argv.iter().map(|a| a.as_bytes()))?);
+        // Checked here; built at each start from the service's own argv (one copy in memory).
+        cstrings(svc.argv.iter().map(|a| a.as_bytes()))?;
         let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut set = |k: &[u8], v: &[u8]| {
             env.retain(|(name, _)| name != k);
@@ -333,8 +333,8 @@ impl Template {
                 .iter()
                 .map(Vec::as_slice),
         )?);
-        let creds = change.then(|| Box::new((who.uid, who.gid, who.groups.clone())));
         let setup = Setup {
+            creds: change.then(|| (who.uid, who.gid, who.groups.clone())),
             limits: svc.extra().limits,
             umask: svc.extra().umask.map(|m| m as libc::mode_t),
             cwd: match &svc.extra().working_directory {
@@ -344,9 +344,7 @@ impl Template {
         };
         Ok(Template {
             program,
-            argv,
             base_env,
-            creds,
             setup: (setup != Setup::default()).then(|| Box::new(setup)),
             no_new_privs: svc.no_new_privs,
         })
@@ -369,7 +367,8 @@ impl Template {
         )
     }
 
-    /// Start one child. `extra_env` is added to the service's environment (LISTEN_*,
+    /// Start one child running `argv` (its service's, checked when this template was made).
+    /// `extra_env` is added to the service's environment (LISTEN_*,
     /// REMOTE_*, TCP*) and wins over a variable of the same name; with `listen_pid` the child
     /// also gets `LISTEN_PID=<its own pid>`. `devnull` is an open `/dev/null`.
     ///
@@ -378,6 +377,7 @@ impl Template {
     /// and the error names the step and the system's reason.
     pub fn spawn(
         &self,
+        argv: &[String],
         fds: Fds<'_>,
         extra_env: &Env,
         listen_pid: bool,
@@ -407,9 +407,21 @@ impl Template {
         envp.extend(extra_env.pointers());
         envp.extend(self.base_env.pointers());
         envp.push(std::ptr::null());
-        let mut argv: Vec<*const libc::c_char> = self.argv.pointers().collect();
+        let mut argv_buf = Vec::with_capacity(argv.iter().map(|a| a.len() + 1).sum());
+        for a in argv {
+            argv_buf.extend_from_slice(a.as_bytes());
+            argv_buf.push(0);
+        }
+        let mut argv: Vec<*const libc::c_char> = argv_buf
+            .split_inclusive(|&b| b == 0)
+            .map(|s| s.as_ptr().cast())
+            .collect();
         argv.push(std::ptr::null());
-        let groups: &[libc::gid_t] = self.creds.as_deref().map_or(&[], |c| &c.2[..]);
+        let groups: &[libc::gid_t] = self
+            .setup
+            .as_deref()
+            .and_then(|s| s.creds.as_ref())
+            .map_or(&[], |c| &c.2[..]);
 
         let failure = AtomicI64::new(0);
         let args = ChildArgs {
@@ -594,6 +606,7 @@ impl Template {
                 write_decimal(slot, libc::getpid() as u64);
             }
             static NONE: Setup = Setup {
+                creds: None,
                 limits: Limits {
                     nofile: None,
                     nproc: None,
@@ -643,7 +656,7 @@ impl Template {
             }
             // Privileges last, in the only safe order: groups, gid, uid; and only when they
             // change something.
-            if let Some(&(uid, gid, _)) = self.creds.as_deref() {
+            if let Some(&(uid, gid, _)) = setup.creds.as_ref() {
                 if libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) != 0 {
                     fail(Step::Setgroups);
                 }
@@ -770,7 +783,7 @@ thread_local! {
     static STACK: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 128 * 1024]);
 }
 
-/// What loading one configuration already prepared: argv and environment lists (services that
+/// What loading one configuration already prepared: environment lists (services that
 /// share one, a thousand services with the same pass-list say, share one copy) and programs
 /// checked for a user (the next service with the same program and user shares it instead of
 /// opening and reading the file again). Found by hash, so a table of ten thousand services

@@ -11,6 +11,19 @@ use crate::limits::{self, SourceCounts, TokenBucket};
 use crate::sockets::Bound;
 use crate::spawn::Template;
 
+/// A listening socket's poll token: its service's id, a generation (an event still queued
+/// for a socket a reload replaced is not taken for the one now in its slot), and its slot.
+/// Always below `usize::MAX / 4`, where the other tokens start (ids stay below 2^38).
+pub(crate) fn slot_token(id: u64, generation: u8, slot: usize) -> Token {
+    debug_assert!(slot <= 0xffff && id < 1 << 38);
+    Token(((id as usize) << 24) | (usize::from(generation) << 16) | slot)
+}
+
+/// The service id and slot a [`slot_token`] names.
+pub(crate) fn token_slot(token: Token) -> (u64, usize) {
+    ((token.0 >> 24) as u64, token.0 & 0xffff)
+}
+
 /// One socket of a service, in the order of `def.listen` (which says what it is for).
 pub(crate) struct Slot {
     pub(crate) bound: Option<Bound>,
@@ -34,10 +47,9 @@ pub(crate) struct Svc {
     pub(crate) waiting: u32,
     /// An operator drained it (`superserver drain`): the agent answers `drain`.
     pub(crate) drained: bool,
-    pub(crate) bucket: Option<Box<TokenBucket>>,
     pub(crate) holding: bool,
-    /// Back-off, rate suspension, paused accepts, refusals, bind retries, per-source counts:
-    /// allocated the first time the service needs any (read with [`Svc::lim`]).
+    /// Back-off, rate limit and suspension, paused accepts, refusals, bind retries, per-source
+    /// counts: allocated the first time the service needs any (read with [`Svc::lim`]).
     pub(crate) limited: Option<Box<Limited>>,
     /// What happened to it since the superserver started (kept across reloads).
     pub(crate) counters: Tally,
@@ -65,6 +77,8 @@ pub(crate) struct Limited {
     pub(crate) bind_retry: Option<(Instant, Duration)>,
     /// Only with `max_per_source`.
     pub(crate) sources: Option<SourceCounts>,
+    /// Only with `rate`.
+    pub(crate) bucket: Option<TokenBucket>,
 }
 
 static CALM: Limited = Limited {
@@ -76,6 +90,7 @@ static CALM: Limited = Limited {
     pause_until: None,
     bind_retry: None,
     sources: None,
+    bucket: None,
 };
 
 impl Svc {

@@ -148,7 +148,8 @@ impl<S: Source> Daemon<S> {
         let mut sockets = Vec::new();
         let mut services = Vec::new();
         for svc in &mut self.services {
-            let tokens = match (svc.bucket.as_mut(), svc.def.extra().rate) {
+            let bucket = svc.limited.as_deref_mut().and_then(|l| l.bucket.as_mut());
+            let tokens = match (bucket, svc.def.extra().rate) {
                 (Some(b), Some(r)) => Some((b.tokens(now), r.count, r.per.as_millis() as u64)),
                 _ => None,
             };
@@ -242,9 +243,8 @@ impl<S: Source> Daemon<S> {
                 && rate.count == count
                 && rate.per.as_millis() as u64 == per_ms
             {
-                svc.bucket = Some(Box::new(crate::limits::TokenBucket::with_tokens(
-                    rate, tokens, now,
-                )));
+                svc.lim_mut().bucket =
+                    Some(crate::limits::TokenBucket::with_tokens(rate, tokens, now));
             }
             let id = svc.id;
             if let Some(ms) = s.backoff_ms {

@@ -38,12 +38,18 @@ impl<S: Source> Daemon<S> {
                 let mut env = Env::default();
                 env.set("LISTEN_FDS", fds.len());
                 env.set("LISTEN_FDNAMES", &fdnames);
-                svc.template
-                    .spawn(Fds::Listeners(&fds), &env, true, self.devnull.as_raw_fd())
+                svc.template.spawn(
+                    &svc.def.argv,
+                    Fds::Listeners(&fds),
+                    &env,
+                    true,
+                    self.devnull.as_raw_fd(),
+                )
             }
             // inetd's protocol: the one listening socket on stdin and stdout.
             Handoff::Stdin => match fds.first() {
                 Some(&fd) => svc.template.spawn(
+                    &svc.def.argv,
                     Fds::StdinListener(fd),
                     &Env::default(),
                     false,
