@@ -132,6 +132,8 @@ fn run(args: cli::Args) -> Result<(), Failure> {
     source::ensure_std_fds();
     // Before any thread starts: every thread inherits the block (see signals.rs).
     signals::block();
+    // The signals a child must set back, read now that the dispositions are final.
+    spawn::not_default();
     spawn::raise_nofile_limit();
     let source = ConfigSource::new(args.config, args.config_dir);
     let config = source.load_reported().map_err(Failure::Config)?;

@@ -6,7 +6,9 @@
 //! Looked up again at most once a second ([`RECHECK`]): a service that starts a process per
 //! connection, hundreds a second, opens its program once a second, not per connection; a
 //! program replaced or made non-executable is seen within that second. Meanwhile its
-//! descriptor (one per program and user that ran recently) pins the file that was checked.
+//! descriptor pins the file that was checked; it is closed about a second after the last
+//! start (see [`Program::release_stale`]), so an idle superserver keeps no program open (a
+//! file system can be unmounted, a replaced binary's inode freed).
 //!
 //! Why a descriptor: a root superserver runs services as `nobody`, and `nobody` may not be
 //! able to reach a program that lives in a private directory (a checkout in `/root`, mode
@@ -174,6 +176,19 @@ impl Program {
         let exec = self.open_now()?;
         *opened = Some((exec.clone(), now));
         Ok(exec)
+    }
+
+    /// Close the descriptor kept from an open [`RECHECK`] or more ago. Returns whether one is
+    /// still kept (opened more recently).
+    pub fn release_stale(&self, now: Instant) -> bool {
+        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
+        match opened.as_ref() {
+            Some((_, at)) if now.saturating_duration_since(*at) < RECHECK => true,
+            _ => {
+                *opened = None;
+                false
+            }
+        }
     }
 
     fn open_now(&self) -> Result<Exec, String> {
@@ -428,6 +443,11 @@ mod tests {
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
         // Within RECHECK the descriptor opened and checked before is used again …
         assert!(matches!(p.open().unwrap(), Exec::Fd(_)));
+        // The descriptor is kept until RECHECK has passed, then released.
+        let now = Instant::now();
+        assert!(p.release_stale(now), "opened just now: kept");
+        assert!(!p.release_stale(now + RECHECK), "a second later: closed");
+        assert!(p.opened.lock().unwrap().is_none());
         // … after it, the path is looked up and the file checked again.
         std::thread::sleep(RECHECK + std::time::Duration::from_millis(50));
         let err = p.open().err().unwrap();

@@ -13,7 +13,9 @@ use std::os::fd::{AsFd, AsRawFd};
 use mio::event::Source;
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::signal::{
+    SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal, pthread_sigmask, sigaction,
+};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 
 pub use libc::{SIGCHLD, SIGHUP, SIGINT, SIGTERM, SIGUSR2};
@@ -34,11 +36,20 @@ fn handled() -> SigSet {
     set
 }
 
-/// Block the daemon's signals in this thread and every thread it starts later. Call it on
-/// the main thread before any other thread exists.
+/// Block the daemon's signals in this thread and every thread it starts later, and set them to
+/// their default disposition: one ignored by whoever started us would survive the exec, and an
+/// ignored SIGCHLD means the kernel reaps children itself and `waitpid` never sees them
+/// (blocked, the others would still reach the signalfd, but a default is what `status`
+/// reasoning and the children expect). Call it on the main thread before any other thread
+/// exists.
 pub fn block() {
     // Cannot fail with a valid `how` and set.
     let _ = pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&handled()), None);
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for sig in HANDLED {
+        // SAFETY: installing SIG_DFL runs no code of ours in a signal context.
+        let _ = unsafe { sigaction(sig, &default) };
+    }
 }
 
 /// Block exactly the daemon's signals: after an in-place upgrade the old image blocked every

@@ -350,6 +350,11 @@ impl Template {
         })
     }
 
+    /// See [`Program::release_stale`].
+    pub fn release_stale(&self, now: std::time::Instant) -> bool {
+        self.program.release_stale(now)
+    }
+
     /// The child's working directory.
     fn cwd(&self) -> &CStr {
         self.setup
@@ -753,7 +758,7 @@ struct ChildArgs<'a> {
 /// the only ones a child has to set back before exec. Read once: nothing in the superserver
 /// changes a disposition after it started (its signals are read from a signalfd, with no
 /// handler; Rust's runtime set its own before `main`).
-fn not_default() -> &'static [libc::c_int] {
+pub(crate) fn not_default() -> &'static [libc::c_int] {
     static SET: std::sync::OnceLock<Vec<libc::c_int>> = std::sync::OnceLock::new();
     SET.get_or_init(|| {
         (1..=64)

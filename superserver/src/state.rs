@@ -15,6 +15,7 @@ use crate::spawn::Template;
 /// for a socket a reload replaced is not taken for the one now in its slot), and its slot.
 /// Always below `usize::MAX / 4`, where the other tokens start (ids stay below 2^38).
 pub(crate) fn slot_token(id: u64, generation: u8, slot: usize) -> Token {
+    const _: () = assert!(usize::BITS == 64, "poll tokens need a 64-bit usize");
     debug_assert!(slot <= 0xffff && id < 1 << 38);
     Token(((id as usize) << 24) | (usize::from(generation) << 16) | slot)
 }

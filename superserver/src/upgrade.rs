@@ -261,7 +261,7 @@ impl<S: Source> Daemon<S> {
                     .push(std::cmp::Reverse((at, crate::daemon::Timer::Service(id))));
             }
             let svc = &mut self.services[i];
-            *svc.counters = s.counters;
+            svc.counters = s.counters.into();
             if s.failures > 0 {
                 svc.lim_mut().failures = s.failures;
             }

@@ -59,6 +59,10 @@ def report(extra):
          "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
          "groups": sorted(os.getgroups()), "env": env, "cwd": os.getcwd(), "umask": 0}
     m = os.umask(0); os.umask(m); r["umask"] = m
+    for line in open("/proc/self/status"):
+        k, _, v = line.partition(":")
+        if k in ("SigBlk", "SigIgn"):
+            r[k.lower()] = int(v.strip(), 16)
     r.update(extra)
     return (json.dumps(r) + "\n").encode()
 if len(sys.argv) > 1 and sys.argv[1] == "--inetd":
@@ -136,13 +140,32 @@ impl Server {
 
     /// Like `start`, but do not wait for readiness; `env` is added to its environment.
     pub fn start_with(config: &str, handed: Vec<Socket>, env: &[(&str, &str)]) -> Server {
+        Server::start_after("", config, handed, env)
+    }
+
+    /// Like `start_with`, the launching shell (bash) running `prelude` first (`trap '' CHLD`,
+    /// say: what a launcher does to the superserver's process before it execs).
+    pub fn start_after(
+        prelude: &str,
+        config: &str,
+        handed: Vec<Socket>,
+        env: &[(&str, &str)],
+    ) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("superserver.toml");
         std::fs::write(&path, expand(config, dir.path())).unwrap();
         std::fs::write(dir.path().join("reporter.py"), REPORTER).unwrap();
-        let mut cmd = Command::new("/bin/sh");
+        // bash for a prelude: dash's `trap '' CHLD` does not reach what it execs.
+        let mut cmd = Command::new(if prelude.is_empty() {
+            "/bin/sh"
+        } else {
+            "/bin/bash"
+        });
         cmd.arg("-c")
-            .arg(r#"[ -n "$LISTEN_FDS" ] && export LISTEN_PID=$$; exec "$0" "$@""#)
+            .arg(format!(
+                r#"{prelude}
+[ -n "$LISTEN_FDS" ] && export LISTEN_PID=$$; exec "$0" "$@""#
+            ))
             .arg(superserver_bin())
             .arg("--config")
             .arg(&path)
@@ -177,7 +200,7 @@ impl Server {
         }
     }
 
-    fn expect_ready(self) -> Server {
+    pub fn expect_ready(self) -> Server {
         self.wait_log("ready");
         self
     }

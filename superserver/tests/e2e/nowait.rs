@@ -265,3 +265,49 @@ fn hostile_clients_do_not_disturb_others() {
     );
     wait_until("no zombies", || server.zombie_children().is_empty());
 }
+
+#[test]
+fn signals_a_launcher_ignored_reach_neither_the_superserver_nor_its_children() {
+    // A launcher that ignores SIGCHLD and SIGHUP passes that on through exec. Ignored, SIGCHLD
+    // would have the kernel reap the children itself: the superserver would never see one
+    // exit and, at max_instances = 1, would serve one client only.
+    let (l, addr) = tcp_listener("127.0.0.1");
+    let server = Server::start_after(
+        "trap '' CHLD HUP",
+        &nowait("max_instances = 1", addr),
+        vec![l],
+        &[],
+    )
+    .expect_ready();
+    for n in 1..=3 {
+        let c = connect_from("127.0.0.1", addr).unwrap();
+        let r = json(&line_of(&c).unwrap());
+        drop(c);
+        assert_eq!(
+            r["sigblk"], 0,
+            "connection {n}: no signal blocked in the child"
+        );
+        let ign = r["sigign"].as_u64().unwrap();
+        for (name, sig) in [("SIGHUP", libc::SIGHUP), ("SIGCHLD", libc::SIGCHLD)] {
+            assert_eq!(
+                ign & (1 << (sig - 1)),
+                0,
+                "connection {n}: {name} ignored in the child"
+            );
+        }
+        server.wait_log_n("exited 0", n);
+    }
+    // Idle, it keeps no descriptor of the program open (one is reused for a second at most;
+    // a reload would close it at once, so this is before the SIGHUP).
+    let program_fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", server.pid))
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|t| t.to_string_lossy().contains("python"))
+            .count()
+    };
+    wait_until("the program's descriptor closed", || program_fds() == 0);
+    // And SIGHUP reloads instead of being ignored.
+    server.signal(libc::SIGHUP);
+    server.wait_log("applied in");
+}
