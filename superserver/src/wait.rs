@@ -37,7 +37,7 @@ impl<S: Source> Daemon<S> {
             Handoff::ListenFds => {
                 let mut env = Env::default();
                 env.set("LISTEN_FDS", fds.len());
-                env.set("LISTEN_FDNAMES", &fdnames);
+                env.set("LISTEN_FDNAMES", fdnames.as_str());
                 svc.template.spawn(
                     &svc.def.argv,
                     Fds::Listeners(&fds),
