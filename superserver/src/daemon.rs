@@ -69,8 +69,6 @@ pub(crate) enum Timer {
     },
     /// A connection's PROXY header is due (its token).
     Header(usize),
-    /// Close the programs' descriptors not used for a second (see `program.rs`).
-    Programs,
 }
 
 /// The running superserver.
@@ -110,8 +108,6 @@ pub struct Daemon<S: Source> {
     pub(crate) more: Vec<(u64, usize)>,
     /// A SIGHUP's reload whose file is being read off the loop.
     pub(crate) background: crate::reload::Background,
-    /// A [`Timer::Programs`] is pending.
-    pub(crate) programs_timer: bool,
 }
 
 impl<S: Source> Daemon<S> {
@@ -195,7 +191,6 @@ impl<S: Source> Daemon<S> {
             drained_all: false,
             more: Vec::new(),
             background: Default::default(),
-            programs_timer: false,
         };
         let enabled = config.services.into_iter().zip(templates);
         for (def, template) in enabled.filter(|(def, _)| def.enabled) {
@@ -405,27 +400,6 @@ impl<S: Source> Daemon<S> {
         self.timers.push(Reverse((at, timer)));
     }
 
-    /// A process was started: its program's descriptor is closed once a second has passed
-    /// without another start (one timer for all, and none while idle).
-    pub(crate) fn started_a_program(&mut self) {
-        if !self.programs_timer {
-            self.programs_timer = true;
-            let at = Instant::now() + crate::program::RECHECK;
-            self.add_timer(at, Timer::Programs);
-        }
-    }
-
-    fn release_programs(&mut self, now: Instant) {
-        self.programs_timer = false;
-        let mut kept = false;
-        for svc in &self.services {
-            kept |= svc.template.release_stale(now);
-        }
-        if kept {
-            self.started_a_program();
-        }
-    }
-
     pub(crate) fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(Reverse((at, timer))) = self.timers.peek().copied() {
@@ -438,7 +412,6 @@ impl<S: Source> Daemon<S> {
                 Timer::Client(token) => self.client_deadline(token),
                 Timer::Header(token) => self.header_deadline(token),
                 Timer::Overrun { pid, started, kill } => self.overrun(pid, started, kill, now),
-                Timer::Programs => self.release_programs(now),
                 Timer::Service(id) => {
                     if let Some(i) = self.find(id) {
                         self.service_timer(i, now);

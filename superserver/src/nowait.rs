@@ -210,7 +210,6 @@ impl<S: Source> Daemon<S> {
                     },
                 };
                 self.children.insert(pid, child);
-                self.started_a_program();
             }
             Err(e) => {
                 svc.counters.spawn_failures += 1;

@@ -3,13 +3,6 @@
 //! path and the interpreter too) at load time, and re-opened at each spawn so that the child
 //! executes, through a descriptor, the very file that was checked.
 //!
-//! Looked up again at most once a second ([`RECHECK`]): a service that starts a process per
-//! connection, hundreds a second, opens its program once a second, not per connection; a
-//! program replaced or made non-executable is seen within that second. Meanwhile its
-//! descriptor pins the file that was checked; it is closed about a second after the last
-//! start (see [`Program::release_stale`]), so an idle superserver keeps no program open (a
-//! file system can be unmounted, a replaced binary's inode freed).
-//!
 //! Why a descriptor: a root superserver runs services as `nobody`, and `nobody` may not be
 //! able to reach a program that lives in a private directory (a checkout in `/root`, mode
 //! 0700). Opening the file as the superserver and executing it with `execveat(fd, "",
@@ -27,8 +20,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::sync::{Mutex, OnceLock};
 
 /// Who a child runs as, for permission checks and messages.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -88,14 +80,10 @@ impl Identity {
     }
 }
 
-/// How long an opened and checked program is used before its path is looked up again.
-pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// What the child executes.
-#[derive(Clone)]
 pub enum Exec {
     /// `execveat(fd, "", AT_EMPTY_PATH)`: the file the superserver opened and checked.
-    Fd(Arc<OwnedFd>),
+    Fd(OwnedFd),
     /// `execve(path)`: a `#!` script (its path and interpreter were checked).
     Path,
 }
@@ -132,8 +120,6 @@ pub struct Program {
     who: Identity,
     /// The file as last checked, and whether it is a script.
     checked: Mutex<Option<(FileId, bool)>>,
-    /// The program as last opened, and when: used again until [`RECHECK`] has passed.
-    opened: Mutex<Option<(Exec, Instant)>>,
 }
 
 impl Program {
@@ -146,10 +132,8 @@ impl Program {
             path,
             who,
             checked: Mutex::new(None),
-            opened: Mutex::new(None),
         };
-        // Checked now; opened for the first spawn when it comes.
-        program.open_now()?;
+        program.open()?;
         Ok(program)
     }
 
@@ -161,37 +145,9 @@ impl Program {
         &self.who
     }
 
-    /// The program for one spawn: as opened and checked less than [`RECHECK`] ago, or
-    /// opened now (one `open(O_PATH)` and one `fstat`) and checked again if the file changed.
+    /// Open the program for one spawn. Cheap when the file did not change since the last
+    /// check (one `open(O_PATH)` and one `fstat`); otherwise the file is checked again.
     pub fn open(&self) -> Result<Exec, String> {
-        // Only the event loop spawns: the locks are never contended.
-        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        let now = Instant::now();
-        if let Some((exec, at)) = opened.as_ref()
-            && now.saturating_duration_since(*at) < RECHECK
-        {
-            return Ok(exec.clone());
-        }
-        *opened = None;
-        let exec = self.open_now()?;
-        *opened = Some((exec.clone(), now));
-        Ok(exec)
-    }
-
-    /// Close the descriptor kept from an open [`RECHECK`] or more ago. Returns whether one is
-    /// still kept (opened more recently).
-    pub fn release_stale(&self, now: Instant) -> bool {
-        let mut opened = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        match opened.as_ref() {
-            Some((_, at)) if now.saturating_duration_since(*at) < RECHECK => true,
-            _ => {
-                *opened = None;
-                false
-            }
-        }
-    }
-
-    fn open_now(&self) -> Result<Exec, String> {
         let display = Path::new(std::ffi::OsStr::from_bytes(self.path.as_bytes())).display();
         let fd = open(&self.path, libc::O_PATH).map_err(|e| format!("{display}: {e}"))?;
         let st = fstat(&fd).map_err(|e| format!("{display}: {e}"))?;
@@ -205,11 +161,7 @@ impl Program {
                 script
             }
         };
-        Ok(if script {
-            Exec::Path
-        } else {
-            Exec::Fd(Arc::new(fd))
-        })
+        Ok(if script { Exec::Path } else { Exec::Fd(fd) })
     }
 
     /// Check the file whose `stat` is `st` (and, for a script, its path and interpreter).
@@ -438,18 +390,8 @@ mod tests {
         let bin = dir.path().join("prog");
         std::fs::copy("/bin/true", &bin).unwrap();
         let p = Program::new(&bin, Identity::current().clone()).unwrap();
-        assert!(matches!(p.open().unwrap(), Exec::Fd(_)));
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o644)).unwrap();
-        // Within RECHECK the descriptor opened and checked before is used again …
-        assert!(matches!(p.open().unwrap(), Exec::Fd(_)));
-        // The descriptor is kept until RECHECK has passed, then released.
-        let now = Instant::now();
-        assert!(p.release_stale(now), "opened just now: kept");
-        assert!(!p.release_stale(now + RECHECK), "a second later: closed");
-        assert!(p.opened.lock().unwrap().is_none());
-        // … after it, the path is looked up and the file checked again.
-        std::thread::sleep(RECHECK + std::time::Duration::from_millis(50));
         let err = p.open().err().unwrap();
         assert!(err.contains("may not execute"), "{err}");
     }

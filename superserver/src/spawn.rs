@@ -416,11 +416,6 @@ impl Template {
         })
     }
 
-    /// See [`Program::release_stale`].
-    pub fn release_stale(&self, now: std::time::Instant) -> bool {
-        self.program.release_stale(now)
-    }
-
     /// The child's working directory.
     fn cwd(&self) -> &CStr {
         self.setup

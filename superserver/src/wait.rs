@@ -61,7 +61,6 @@ impl<S: Source> Daemon<S> {
         let (name, id) = (svc.def.name.clone(), svc.id);
         match result {
             Ok(pid) => {
-                self.started_a_program();
                 let counters = &mut self.services[i].counters;
                 counters.activations += 1;
                 counters.spawned += 1;

@@ -297,8 +297,7 @@ fn signals_a_launcher_ignored_reach_neither_the_superserver_nor_its_children() {
         }
         server.wait_log_n("exited 0", n);
     }
-    // Idle, it keeps no descriptor of the program open (one is reused for a second at most;
-    // a reload would close it at once, so this is before the SIGHUP).
+    // Idle, it keeps no descriptor of the program open (each start opens it and closes it).
     let program_fds = || {
         std::fs::read_dir(format!("/proc/{}/fd", server.pid))
             .unwrap()
