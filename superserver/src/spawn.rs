@@ -163,17 +163,14 @@ impl std::borrow::Borrow<[u8]> for CStrings {
     }
 }
 
-impl CStrings {
-    fn len(&self) -> usize {
-        self.0.iter().filter(|&&b| b == 0).count()
-    }
+/// How many C strings a buffer of NUL-terminated strings holds.
+fn nul_count(buf: &[u8]) -> usize {
+    buf.iter().filter(|&&b| b == 0).count()
+}
 
-    /// A pointer to each string, for envp.
-    fn pointers(&self) -> impl Iterator<Item = *const libc::c_char> + '_ {
-        self.0
-            .split_inclusive(|&b| b == 0)
-            .map(|s| s.as_ptr().cast())
-    }
+/// A pointer to each NUL-terminated string in `buf`, for argv or envp.
+fn c_pointers(buf: &[u8]) -> impl Iterator<Item = *const libc::c_char> + '_ {
+    buf.split_inclusive(|&b| b == 0).map(|s| s.as_ptr().cast())
 }
 
 /// Variables for one child on top of its service's (`LISTEN_*`, `REMOTE_*`, `TCP*`), built
@@ -205,7 +202,7 @@ impl Env {
 
     /// An error naming the variable whose value holds a NUL byte, if one does.
     fn check(&self) -> Result<(), String> {
-        if self.buf.iter().filter(|&&b| b == 0).count() == self.count {
+        if nul_count(&self.buf) == self.count {
             return Ok(());
         }
         let bad = self
@@ -217,12 +214,6 @@ impl Env {
             "an environment value contains a NUL byte (near {:?})",
             String::from_utf8_lossy(bad)
         ))
-    }
-
-    fn pointers(&self) -> impl Iterator<Item = *const libc::c_char> + '_ {
-        self.buf
-            .split_inclusive(|&b| b == 0)
-            .map(|s| s.as_ptr().cast())
     }
 }
 
@@ -283,10 +274,10 @@ pub(crate) fn put_ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
 }
 
 /// `items` as C strings back to back, or what is wrong with one.
-fn cstrings<'a>(items: impl IntoIterator<Item = &'a [u8]>) -> Result<Vec<u8>, String> {
+fn cstrings(items: impl IntoIterator<Item = impl AsRef<[u8]>>) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     for item in items {
-        out.extend_from_slice(cstring(item)?.as_bytes_with_nul());
+        out.extend_from_slice(cstring(item.as_ref())?.as_bytes_with_nul());
     }
     Ok(out)
 }
@@ -367,7 +358,7 @@ impl Template {
         }
         let program = interned.program(&svc.program, &who)?;
         // Checked here; built at each start from the service's own argv (one copy in memory).
-        cstrings(svc.argv.iter().map(|a| a.as_bytes()))?;
+        cstrings(svc.argv.iter())?;
         let mut env: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut set = |k: &[u8], v: &[u8]| {
             env.retain(|(name, _)| name != k);
@@ -393,11 +384,7 @@ impl Template {
             set(b"JOURNAL_STREAM", stream.as_bytes());
         }
         let base_env = interned.intern(cstrings(
-            env.iter()
-                .map(|(k, v)| [&k[..], b"=", &v[..]].concat())
-                .collect::<Vec<_>>()
-                .iter()
-                .map(Vec::as_slice),
+            env.iter().map(|(k, v)| [&k[..], b"=", &v[..]].concat()),
         )?);
         let setup = Setup {
             creds: change.then(|| (who.uid, who.gid, who.groups.clone())),
@@ -466,22 +453,19 @@ impl Template {
         pid_buf[..PID_PREFIX.len()].copy_from_slice(PID_PREFIX);
         // The per-connection variables come first: getenv(3) returns the first match.
         let mut envp: Vec<*const libc::c_char> =
-            Vec::with_capacity(self.base_env.len() + extra_env.count + 2);
+            Vec::with_capacity(nul_count(&self.base_env.0) + extra_env.count + 2);
         if listen_pid {
             envp.push(pid_buf.as_ptr().cast());
         }
-        envp.extend(extra_env.pointers());
-        envp.extend(self.base_env.pointers());
+        envp.extend(c_pointers(&extra_env.buf));
+        envp.extend(c_pointers(&self.base_env.0));
         envp.push(std::ptr::null());
         let mut argv_buf = Vec::with_capacity(argv.iter().map(|a| a.len() + 1).sum());
         for a in argv {
             argv_buf.extend_from_slice(a.as_bytes());
             argv_buf.push(0);
         }
-        let mut argv: Vec<*const libc::c_char> = argv_buf
-            .split_inclusive(|&b| b == 0)
-            .map(|s| s.as_ptr().cast())
-            .collect();
+        let mut argv: Vec<*const libc::c_char> = c_pointers(&argv_buf).collect();
         argv.push(std::ptr::null());
         let groups: &[libc::gid_t] = self
             .setup
